@@ -185,24 +185,29 @@ class Simulation:
         return self.strategy.server_update(global_state, average.result()), loss_sum / samples, samples
 
     @torch.inference_mode()
-    def evaluate(self, split: str, indices: np.ndarray | None = None) -> tuple[float, float]:
-        """(accuracy, mean cross-entropy) of the model as it is on a split, or part of it."""
+    def predict(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample (correct, cross-entropy) of the model as it is, over a whole split."""
         self.model.eval()
         x_all, y_all = self.splits[split]
-        n = len(y_all) if indices is None else len(indices)
         size = self.cfg["eval"]["batch_size"]
-        correct, loss = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
-        for start in range(0, n, size):
-            if indices is None:
-                x, y = x_all[start:start + size], y_all[start:start + size]
-            else:
-                index = torch.from_numpy(indices[start:start + size]).to(self.device)
-                x, y = x_all[index], y_all[index]
+        correct, losses = [], []
+        for start in range(0, len(y_all), size):
+            x, y = x_all[start:start + size], y_all[start:start + size]
             with torch.autocast(**self.autocast):
                 logits = self.model(self.inputs(x)).float()
-            loss += F.cross_entropy(logits, y, reduction="sum")
-            correct += (logits.argmax(1) == y).sum()
-        return correct.item() / n, loss.item() / n
+            losses.append(F.cross_entropy(logits, y, reduction="none"))
+            correct.append(logits.argmax(1) == y)
+        return torch.cat(correct), torch.cat(losses)
+
+    def evaluate(self, split: str) -> tuple[float, float]:
+        """(accuracy, mean cross-entropy) on a split."""
+        correct, losses = self.predict(split)
+        return correct.float().mean().item(), losses.mean().item()
+
+    def client_accuracy(self) -> np.ndarray:
+        """Accuracy on each client's own training samples, from one pass over the training set."""
+        correct = self.predict("train")[0].cpu().numpy()
+        return np.array([correct[part].mean() for part in self.parts])
 
     def gate_agreement(self) -> tuple[float, float]:
         """Agreement of the model's gates with the pretrained ones: own BN stats, pretrained BN stats."""
@@ -333,7 +338,7 @@ def run(cfg: dict, out_dir: Path) -> dict:
             })
 
         sim.model.load_state_dict(global_state)
-        client_acc = np.array([sim.evaluate("train", part)[0] for part in sim.parts])
+        client_acc = sim.client_accuracy()
         summary = summarize(rows, cfg) | {
             "wall_seconds": elapsed(), "samples_trained": samples,
             "client_acc": {"mean": float(client_acc.mean()), "std": float(client_acc.std()),
