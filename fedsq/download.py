@@ -63,12 +63,16 @@ def fetch(url: str, dest: Path, *, sha256: str | None = None, md5: str | None = 
     try:
         with urllib.request.urlopen(url) as response, open(part, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
+            received = 0
             with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc or dest.name) as bar:
                 while chunk := response.read(CHUNK):
                     out.write(chunk)
                     for _, hasher in hashers.values():
                         hasher.update(chunk)
+                    received += len(chunk)
                     bar.update(len(chunk))
+        if total is not None and received != total:
+            raise ConnectionError(f"download of {url} stopped after {received} of {total} bytes; rerun to retry")
         for name, (want, hasher) in hashers.items():
             if hasher.hexdigest() != want:
                 raise DigestMismatch(dest, name, want, hasher.hexdigest())

@@ -5,7 +5,9 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from fedsq import data
+from fedsq import data, download
+from tests import archives
+from tests.archives import serve
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +122,85 @@ def test_to_model_input_rejects_non_uint8_or_channels_first():
         data.to_model_input(torch.zeros(2, 8, 8, 3), 8)
     with pytest.raises(ValueError, match=r"got torch.uint8 \(2, 3, 8, 8\)"):
         data.to_model_input(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), 8)
+
+
+def same_images(prepared: data.Split, images: np.ndarray, labels: np.ndarray) -> bool:
+    """Whether the prepared split holds exactly these (image, label) pairs, in any order."""
+    key = lambda x, y: sorted(zip(map(bytes, x.reshape(len(x), -1)), y.tolist()))  # noqa: E731
+    return key(np.asarray(prepared.x), prepared.y) == key(images, labels)
+
+
+@pytest.fixture
+def mirror(tmp_path):
+    """A folder served on 127.0.0.1 (a stand-in for the dataset hosts) and its base URL."""
+    folder = tmp_path / "mirror"
+    folder.mkdir()
+    with serve(folder) as url:
+        yield folder, url
+
+
+def test_cifar100_downloads_verifies_and_converts(mirror, tmp_path):
+    folder, url = mirror
+    tiny = archives.cifar100_tarball(folder / "cifar-100-python.tar.gz", {"train": 5, "test": 2})
+    root = tmp_path / "data"
+    out = data.prepare("cifar100", root, val_fraction=0.2, seed=3, url=f"{url}/cifar-100-python.tar.gz", md5=tiny.md5)
+
+    ds = data.load("cifar100", root)
+    assert ds.classes == tuple(tiny.classes) and ds.image_shape == (32, 32, 3)
+    assert [len(s.y) for s in (ds.train, ds.val, ds.test)] == [400, 100, 200]
+    assert np.array_equal(np.bincount(ds.val.y), np.ones(100))  # stratified: one per class
+    train_x, train_y = tiny.splits["train"]
+    assert same_images(data.Split(np.concatenate([ds.train.x, ds.val.x]), np.concatenate([ds.train.y, ds.val.y])),
+                       train_x, train_y)
+    assert same_images(ds.test, *tiny.splits["test"])
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["digest"] == f"md5:{tiny.md5}" and meta["source"].endswith("/cifar-100-python.tar.gz")
+    # The verified archive is kept for reruns; the extracted pickles are not.
+    assert sorted(p.name for p in (out / "download").iterdir()) == ["cifar-100-python.tar.gz"]
+
+
+@pytest.mark.parametrize("damage", [lambda b: b[: len(b) // 2], lambda b: b[:-10] + bytes(10)], ids=["truncated", "corrupted"])
+def test_cifar100_bad_archive_fails_cleanly_and_a_rerun_recovers(mirror, tmp_path, damage):
+    folder, url = mirror
+    good = archives.cifar100_tarball(tmp_path / "good.tar.gz", {"train": 2, "test": 1})
+    served = folder / "cifar-100-python.tar.gz"
+    served.write_bytes(damage(good.path.read_bytes()))
+    root = tmp_path / "data"
+    args = dict(val_fraction=0.5, url=f"{url}/cifar-100-python.tar.gz", md5=good.md5)
+    with pytest.raises(download.DigestMismatch) as caught:
+        data.prepare("cifar100", root, **args)
+    assert str(root / "cifar100" / "download" / "cifar-100-python.tar.gz") in str(caught.value)
+    assert good.md5 in str(caught.value) and download.md5_of(served) in str(caught.value)
+    # Nothing a rerun could take for a good archive or a prepared dataset.
+    assert list((root / "cifar100" / "download").iterdir()) == []
+    assert not (root / "cifar100" / "meta.json").exists()
+
+    served.write_bytes(good.path.read_bytes())
+    data.prepare("cifar100", root, **args)
+    assert len(data.load("cifar100", root).test.y) == 100
+
+
+def test_cinic10_downloads_verifies_and_converts_png_folders(mirror, tmp_path):
+    folder, url = mirror
+    tiny = archives.cinic10_tarball(folder / "CINIC-10.tar.gz", {"train": 3, "valid": 2, "test": 2})
+    root = tmp_path / "data"
+    data.prepare("cinic10", root, url=f"{url}/CINIC-10.tar.gz", md5=tiny.md5)
+
+    ds = data.load("cinic10", root)
+    assert ds.classes == data.CINIC10_CLASSES == tuple(archives.CINIC10_CLASSES)
+    assert ds.image_shape == (32, 32, 3) and ds.train.x.dtype == np.uint8 and ds.train.y.dtype == np.int64
+    # CINIC-10's own valid folder is the validation split; greyscale PNGs come out as grey RGB.
+    for split, folder_name in [(ds.train, "train"), (ds.val, "valid"), (ds.test, "test")]:
+        assert same_images(split, *tiny.splits[folder_name])
+    assert json.loads((root / "cinic10" / "meta.json").read_text())["recipe"] == {}
+
+
+def test_cinic10_unconfirmed_digest_error_says_how_to_override(mirror, tmp_path):
+    folder, url = mirror
+    tiny = archives.cinic10_tarball(folder / "CINIC-10.tar.gz", {"train": 1, "valid": 1, "test": 1})
+    with pytest.raises(download.DigestMismatch) as caught:
+        data.prepare("cinic10", tmp_path, url=f"{url}/CINIC-10.tar.gz")  # built-in MD5 expected
+    message = str(caught.value)
+    assert data.CINIC10_MD5 in message and tiny.md5 in message and "could not be confirmed offline" in message
+    assert f"fedsq data prepare cinic10 --md5 {tiny.md5}" in message
+    assert list((tmp_path / "cinic10" / "download").iterdir()) == []
