@@ -174,7 +174,7 @@ def class_counts(parts: list[np.ndarray], labels: np.ndarray, num_classes: int) 
 
 def _heatmap(counts: pd.DataFrame, path: Path) -> None:
     num_clients, num_classes = counts.shape
-    fig = Figure(figsize=(min(3 + 0.35 * num_classes, 16), min(2 + 0.3 * num_clients, 12)), layout="constrained")
+    fig = Figure(figsize=(min(3 + 0.35 * num_classes, 12), min(2 + 0.3 * num_clients, 9)), layout="constrained")
     ax = fig.add_subplot()
     image = ax.imshow(counts.to_numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
     fig.colorbar(image, ax=ax, label="samples")

@@ -163,4 +163,27 @@ def test_heatmap_handles_many_clients_and_classes(tmp_path):
     parts = partition.iid(labels, 100, seed=0)
     partition.write(parts, labels, tmp_path, num_classes=100)
     with Image.open(tmp_path / "heatmap.png") as image:
-        assert image.width <= 16 * 120 and image.height <= 12 * 120
+        assert image.width <= 12 * 120 and image.height <= 9 * 120
+
+
+def test_cli_prepares_digits_and_writes_a_partition(tmp_path, capsys):
+    from fedsq import cli
+
+    assert cli.main(["data", "prepare", "digits", "--root", str(tmp_path / "data")]) == 0
+    out = tmp_path / "split"
+    args = ["partition", "--dataset", "digits", "--data-root", str(tmp_path / "data"), "--out", str(out)]
+    assert cli.main([*args, "--split", "dir0.5", "--num-clients", "10", "--seed", "1"]) == 0
+    parts = partition.load(out)
+    assert len(parts) == 10 and sum(map(len, parts)) == 1293
+    capsys.readouterr()
+
+    for bad, message in [
+        (["--split", "dir0", "--num-clients", "10"], "alpha must be > 0, got 0.0"),
+        (["--split", "iid", "--num-clients", "5000"], "num_clients=5000 is more than the 1293 samples"),
+        (["--split", "fifty-fifty", "--num-clients", "10"], "bad split label 'fifty-fifty'"),
+    ]:
+        assert cli.main([*args, *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err
+    assert cli.main(["data", "prepare", "mnist"]) == 2
+    assert "unknown dataset 'mnist'; allowed: digits, cifar100, cinic10" in capsys.readouterr().err
