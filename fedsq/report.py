@@ -35,6 +35,11 @@ ACCURACIES = {"best_val_acc", "test_acc_at_best", "final_val_acc", "final_test_a
 METHOD_ORDER = ["fedavg", "fedprox", "fedsq"]  # the paper's methods first, others after
 LR_MODE_STYLE = {"calibrated": "-", "equal": "--"}
 SUPPORTED, NOT_SUPPORTED, NOT_ENOUGH = "supported", "not supported", "not enough seeds"
+CLAIM_COLUMNS = [
+    "claim", "dataset", "backbone", "split", "baseline", "lr_mode", "metric",
+    "fedsq_mean", "fedsq_std", "fedsq_n", "baseline_mean", "baseline_std", "baseline_n",
+    "fedsq_last3_mean", "baseline_last3_mean", "verdict",
+]
 CLAIMS = {
     "iid_parity": "FedSQ ≈ FedAvg on i.i.d. (best val acc)",
     "dirichlet_robust": "FedSQ ≥ baseline under Dirichlet (best val acc)",
@@ -116,7 +121,7 @@ def _run_keys(summary: dict, run_dir: Path) -> dict:
         "seed": config.get("seed"),
         "lr_mode": "calibrated",
     }
-    keys = {key: tags.get(key, fallback.get(key)) for key in [*GROUP, "seed"]}
+    keys = {key: tags[key] if tags.get(key) is not None else fallback.get(key) for key in [*GROUP, "seed"]}
     missing = [key for key, value in keys.items() if value is None]
     if missing:
         warnings.warn(f"{run_dir}: summary.json lacks {', '.join(missing)}; shown as 'n/a'", stacklevel=3)
@@ -176,12 +181,12 @@ def results_table(runs: pd.DataFrame) -> pd.DataFrame:
     return _sort(table.reset_index())
 
 
-def _mean_std(mean: float, std: float, scale: float = 1.0, digits: int = 1) -> str:
+def _mean_std(mean: float, std: float, scale: float = 1.0) -> str:
     if pd.isna(mean):
         return "–"
     if pd.isna(std):  # one seed: no spread to show
-        return f"{mean * scale:.{digits}f}"
-    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+        return f"{mean * scale:.1f}"
+    return f"{mean * scale:.1f} ± {std * scale:.1f}"
 
 
 def results_display(results: pd.DataFrame) -> pd.DataFrame:
@@ -230,11 +235,8 @@ def claims_table(runs: pd.DataFrame, parity_tolerance: float = 0.02) -> pd.DataF
             if split.startswith("dir"):
                 rows.append(_compare("dirichlet_robust", "best_val_acc", fedsq, other, keys))
             rows.append(_compare("fewer_rounds", _rounds_metric(fedsq, other), fedsq, other, keys))
-    columns = ["claim", "dataset", "backbone", "split", "baseline", "lr_mode", "metric"]
-    if not rows:
-        return pd.DataFrame(columns=[*columns, "verdict"])
-    claims = _sort(pd.DataFrame(rows), by=["claim", "dataset", "backbone", "split", "baseline", "lr_mode"])
-    return claims[[*columns, *[c for c in claims.columns if c not in columns]]]
+    claims = pd.DataFrame(rows, columns=CLAIM_COLUMNS)
+    return _sort(claims, by=["claim", "dataset", "backbone", "split", "baseline", "lr_mode"])
 
 
 def _rounds_metric(fedsq: pd.DataFrame, other: pd.DataFrame) -> str:
@@ -271,9 +273,9 @@ def claims_display(claims: pd.DataFrame) -> pd.DataFrame:
     shown = pd.DataFrame({"claim": claims["claim"].map(CLAIMS)})
     shown[["dataset", "backbone", "split", "baseline", "lr"]] = claims[["dataset", "backbone", "split", "baseline", "lr_mode"]]
     shown["measure"] = claims["metric"].map(_metric_label)
-    for side in ("fedsq", "baseline"):
-        shown[side if side == "fedsq" else "baseline value"] = [
-            f"{_mean_std(m, s, *_scale(metric))} (n={n})"
+    for side, header in [("fedsq", "fedsq"), ("baseline", "baseline value")]:
+        shown[header] = [
+            f"{_mean_std(m, s, 100.0 if metric in ACCURACIES else 1.0)} (n={n})"
             for m, s, n, metric in zip(claims[f"{side}_mean"], claims[f"{side}_std"], claims[f"{side}_n"], claims["metric"])
         ]
     shown["last-3 val acc (%) fedsq / baseline"] = [
@@ -290,16 +292,13 @@ def _metric_label(metric: str) -> str:
     return SUMMARY_METRICS[metric].removesuffix(" (%)")
 
 
-def _scale(metric: str) -> tuple[float, int]:
-    return (100.0, 1) if metric in ACCURACIES else (1.0, 1)
-
-
 # --- plots -----------------------------------------------------------------------------------
 
 
 def _method_colors(methods) -> dict:
-    ordered = sorted(set(methods), key=_method_order)
-    return {m: plt.get_cmap("tab10")(i) for i, m in enumerate(ordered)}
+    # The paper's methods keep their colour in every figure, whichever methods a grid has.
+    others = sorted(set(methods) - set(METHOD_ORDER))
+    return {m: plt.get_cmap("tab10")(i) for i, m in enumerate([*METHOD_ORDER, *others])}
 
 
 def _panels(frame: pd.DataFrame, sharey: bool = True):
@@ -307,7 +306,7 @@ def _panels(frame: pd.DataFrame, sharey: bool = True):
     rows = sorted(frame.groupby(["dataset", "backbone"]).groups)
     splits = sorted(frame["split"].unique(), key=_split_order)
     fig, axes = plt.subplots(
-        len(rows), len(splits), figsize=(4.2 * len(splits) + 0.6, 3.2 * len(rows) + 1.2),
+        len(rows), len(splits), figsize=(max(4.2 * len(splits) + 0.6, 7.0), 3.2 * len(rows) + 1.2),
         sharey=sharey, squeeze=False, layout="constrained",
     )
     for i, (dataset, backbone) in enumerate(rows):
@@ -368,7 +367,7 @@ def plot_best_acc_bars(results: pd.DataFrame):
     """Best validation accuracy per split and method, error bars = std over seeds; hatched = equal lr."""
     fig, axes = plt.subplots(
         1, results.groupby(["dataset", "backbone"]).ngroups,
-        figsize=(0.5 * len(results) + 3.0, 4.4), squeeze=False, sharey=True, layout="constrained",
+        figsize=(max(0.5 * len(results) + 3.0, 7.0), 4.4), squeeze=False, sharey=True, layout="constrained",
     )
     colors = _method_colors(results["method"])
     for ax, ((dataset, backbone), panel) in zip(axes[0], results.groupby(["dataset", "backbone"])):
@@ -380,7 +379,7 @@ def plot_best_acc_bars(results: pd.DataFrame):
             label = method if lr_mode == "calibrated" else f"{method} ({lr_mode} lr)"
             ax.bar(
                 np.arange(len(splits)) + (k - (len(bars) - 1) / 2) * width, rows["best_val_acc_mean"], width,
-                yerr=rows["best_val_acc_std"].fillna(0), capsize=3, color=colors[method],
+                yerr=rows["best_val_acc_std"], capsize=3, color=colors[method],
                 hatch="//" if lr_mode != "calibrated" else None, edgecolor="white", label=label,
             )
         ax.set_xticks(range(len(splits)), splits)

@@ -141,7 +141,8 @@ def test_runs_missing_keys_and_curves_still_produce_tables(tmp_path):
     summary = json.loads((sparse / "summary.json").read_text())
     for key in ("last3_val_acc", "rounds_to_target", "test_acc_at_best"):
         del summary[key]
-    del summary["tags"]["lr_mode"], summary["tags"]["method"]  # method comes from the config
+    summary["tags"]["lr_mode"] = None  # unresolved: calibrated is the default
+    del summary["tags"]["method"]  # method comes from the config
     (sparse / "summary.json").write_text(json.dumps(summary))
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
@@ -162,3 +163,11 @@ def test_no_runs_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="none of the 1 run folders has a summary.json"):
         with pytest.warns(UserWarning):
             report.build([tmp_path], tmp_path / "out")
+
+
+def test_grid_without_fedsq_gives_empty_claims_with_header(tmp_path):
+    runs = [make_run(tmp_path, "fedavg", "iid", s, 0.8) for s in range(2)]
+    report.build(runs, tmp_path / "out")
+    claims = pd.read_csv(tmp_path / "out" / "tables" / "claims.csv")
+    assert claims.empty and list(claims.columns) == report.CLAIM_COLUMNS
+    assert "verdict" in (tmp_path / "out" / "tables" / "claims.md").read_text()
