@@ -137,9 +137,15 @@ def _model_settings(wildcards, split, seed):
     return settings
 
 
+def _yaml_value(value):
+    # `fedsq --set key=value` reads value as YAML: write it plain when that reads back the same
+    # (digits, 0.1), else as JSON, which is YAML too (null, "123" as a string).
+    text = str(value)
+    return text if yaml.safe_load(text) == value else json.dumps(value)
+
+
 def _as_set_args(settings):
-    # `fedsq --set key=value` reads value as YAML; JSON is YAML and keeps strings strings.
-    return " ".join(f"--set {shlex.quote(f'{key}={json.dumps(value)}')}" for key, value in settings.items())
+    return " ".join(f"--set {shlex.quote(f'{key}={_yaml_value(value)}')}" for key, value in settings.items())
 
 
 def calibrate_overrides(wildcards):
