@@ -120,14 +120,13 @@ def ci_config_with(edit) -> dict:
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda c: c.update(methods=["fedavg", "fedbogus"]), "instance['methods'][1]"),
-        (lambda c: c["backbones"].update(vgg16={}), "'vgg16' is not one of"),
-        (lambda c: c.update(splits=["iid", "dirichlet"]), "instance['splits'][1]"),
         (lambda c: c["run"].update(dataset="cifar100"), "instance['run']['dataset']"),
-        (lambda c: c["run"]["split"].pop("num_clients"), "'num_clients' is a required property"),
+        (lambda c: c["run"].update(optimizer={"lr": 0.1}), "instance['run']['optimizer']['lr']"),
+        (lambda c: c["calibration"].update(mode="grid"), "instance['calibration']['mode']"),
         (lambda c: c.update(resources={"gpu": -1}), "instance['resources']['gpu']"),
+        (lambda c: c.update(seeds=[0, 0]), "instance['seeds']"),
     ],
-    ids=["unknown-method", "unknown-backbone", "bad-split-label", "grid-key-in-run", "no-num-clients", "gpu<0"],
+    ids=["grid-key-in-run", "lr-in-run", "calibration-mode", "gpu<0", "repeated-seed"],
 )
 def test_schema_rejects_bad_config_naming_the_key(edit, message):
     with pytest.raises(WorkflowError) as err:
@@ -143,12 +142,22 @@ def test_schema_fills_defaults():
     assert cfg["backbones"]["resnet18"]["weights"] == "scratch"
 
 
-def test_bad_config_stops_the_workflow_before_any_job(tmp_path):
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c.update(methods=["fedavg", "fedbogus"]), "config key methods: ['fedbogus'] not a method"),
+        (lambda c: c.update(splits=["iid", "dirichlet"]), "config key splits: bad split label 'dirichlet'"),
+        (lambda c: c["control"].update(backbones=["alexnet"]), "config key control.backbones: ['alexnet'] not in"),
+        (lambda c: c["run"].update(bn="bogus"), "config key run: bn: 'bogus' is not one of"),
+    ],
+    ids=["unknown-method", "bad-split-label", "control-outside-grid", "bad-run-key"],
+)
+def test_bad_config_stops_the_workflow_before_any_job(tmp_path, edit, message):
     configfile = tmp_path / "config.yaml"
-    configfile.write_text(yaml.safe_dump(ci_config_with(lambda c: c["control"].update(backbones=["alexnet"]))))
+    configfile.write_text(yaml.safe_dump(ci_config_with(edit)))
     result = snakemake("--cores", "1", "--configfile", configfile, workdir=tmp_path)
     assert result.returncode != 0
-    assert "config key control.backbones: ['alexnet'] not in the grid" in log(result)
+    assert message in log(result), log(result)
     assert not (tmp_path / "results").exists()
 
 
