@@ -27,7 +27,12 @@ def _resident_mib() -> float:
 
 
 def measure(backbone: str, form: str, *, steps: int, batch: int, image_size: int, threads: int) -> dict:
-    """Median step time and memory of ``steps`` SGD steps (after warm-up), in this process."""
+    """Median wall and CPU time and the memory of ``steps`` SGD steps (after warm-up), in this process.
+
+    CPU time (all threads of this process) is less disturbed than wall time by other
+    processes on a shared machine; ``step_mib`` is the peak RSS above the RSS before training
+    (gradients, optimizer state, activations, masks).
+    """
     import torch
     import torch.nn.functional as F
 
@@ -49,15 +54,16 @@ def measure(backbone: str, form: str, *, steps: int, batch: int, image_size: int
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
 
-    step()  # warm-up: allocator, optimizer state
     before = _resident_mib()
-    times = []
+    step()  # warm-up: allocator, optimizer state
+    wall, cpu = [], []
     for _ in range(steps):
-        start = time.perf_counter()
+        start_wall, start_cpu = time.perf_counter(), time.process_time()
         step()
-        times.append(time.perf_counter() - start)
+        wall.append(time.perf_counter() - start_wall)
+        cpu.append(time.process_time() - start_cpu)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"step_s": statistics.median(times), "peak_mib": peak, "step_mib": peak - before}
+    return {"step_s": statistics.median(wall), "cpu_s": statistics.median(cpu), "peak_mib": peak, "step_mib": peak - before}
 
 
 def main() -> None:
@@ -87,15 +93,18 @@ def main() -> None:
 
     print(f"one SGD step, batch {args.batch}, {args.image_size} px, CPU, {args.threads} threads; "
           f"median of {args.repeats} processes x {args.steps} steps")
-    print(f"{'backbone':<20}{'form':<10}{'step ms':>9}{'ratio':>7}{'peak RSS MiB':>14}{'step MiB':>10}")
+    columns = ("step_s", "cpu_s", "peak_mib", "step_mib")
+    print(f"{'backbone':<20}{'form':<10}{'wall ms':>9}{'ratio':>7}{'CPU ms':>9}{'ratio':>7}{'peak RSS MiB':>14}{'step MiB':>10}")
     for backbone in args.backbones:
-        plain_s = statistics.median(r["step_s"] for r in results[backbone, "plain"])
-        for form in FORMS:
-            runs = results[backbone, form]
-            step_s = statistics.median(r["step_s"] for r in runs)
-            peak = statistics.median(r["peak_mib"] for r in runs)
-            step_mib = statistics.median(r["step_mib"] for r in runs)
-            print(f"{backbone:<20}{form:<10}{1000 * step_s:>9.1f}{step_s / plain_s:>7.2f}{peak:>14.0f}{step_mib:>10.0f}")
+        median = {
+            form: {c: statistics.median(r[c] for r in results[backbone, form]) for c in columns} for form in FORMS
+        }
+        plain = median["plain"]
+        for form, m in median.items():
+            print(
+                f"{backbone:<20}{form:<10}{1000 * m['step_s']:>9.1f}{m['step_s'] / plain['step_s']:>7.2f}"
+                f"{1000 * m['cpu_s']:>9.1f}{m['cpu_s'] / plain['cpu_s']:>7.2f}{m['peak_mib']:>14.0f}{m['step_mib']:>10.0f}"
+            )
 
 
 if __name__ == "__main__":

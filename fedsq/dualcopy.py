@@ -202,7 +202,8 @@ class DualCopy(nn.Module):
         self.gate_maxpool = gate_maxpool
 
     def _apply(self, fn, recurse=True):
-        self.structural._apply(fn, recurse)
+        # S follows device and dtype moves but stays channels-last whatever format Q is given.
+        self.structural._apply(fn, recurse).to(memory_format=torch.channels_last)
         return super()._apply(fn, recurse)
 
     def forward(self, x: Tensor) -> Tensor:

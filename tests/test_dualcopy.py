@@ -160,6 +160,8 @@ def test_evaluation_uses_the_gated_pass():
 def test_to_moves_the_structural_copy_and_train_keeps_it_in_eval():
     dual = DualCopy(TinyNet()).to(torch.float64).train()
     assert all(p.dtype == torch.float64 for p in dual.structural.parameters())
+    conv = DualCopy(nn.Conv2d(3, 4, 3)).to("cpu", memory_format=torch.contiguous_format)
+    assert conv.structural.weight.is_contiguous(memory_format=torch.channels_last)  # S's fast inference layout
     assert not dual.structural.training and dual.quantitative.training
     assert dual(torch.randn(2, 4, dtype=torch.float64)).dtype == torch.float64
 
