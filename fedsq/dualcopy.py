@@ -58,7 +58,9 @@ _ACTIVATIONS = {
 
 
 def _max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
-    return input, dict(kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, ceil_mode=ceil_mode), return_indices
+    """(input, pooling arguments, return_indices) of an F.max_pool2d call."""
+    pooling = dict(kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, ceil_mode=ceil_mode)
+    return input, pooling, return_indices
 
 
 @dataclass
@@ -151,11 +153,15 @@ class ApplyRegimes(TorchFunctionMode):
 
     def _next(self, kind: type) -> ClampRegime | PoolRegime:
         if self.used == len(self.regimes):
-            raise RuntimeError(f"the gated model called more gates than the {len(self.regimes)} its structural copy recorded")
+            raise RuntimeError(
+                f"the gated model called more gates than the {len(self.regimes)} its structural copy recorded"
+            )
         regime = self.regimes[self.used]
         self.used += 1
         if not isinstance(regime, kind):
-            raise RuntimeError(f"gate call {self.used} is a {kind.__name__} but its structural copy's is a {type(regime).__name__}")
+            raise RuntimeError(
+                f"gate call {self.used} is a {kind.__name__} but its structural copy's is a {type(regime).__name__}"
+            )
         return regime
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -164,7 +170,9 @@ class ApplyRegimes(TorchFunctionMode):
             z, _, _, inplace = _ACTIVATIONS[func](*args, **kwargs)
             regime = self._next(ClampRegime)
             if regime.linear.shape != z.shape:
-                raise RuntimeError(f"gate call {self.used} has shape {tuple(z.shape)}, its structural copy's {tuple(regime.linear.shape)}")
+                raise RuntimeError(
+                    f"gate call {self.used} has shape {tuple(z.shape)}, its structural copy's {tuple(regime.linear.shape)}"
+                )
             return regime.apply(z, inplace)
         if self.gate_maxpool and func is F.max_pool2d:
             z, _, return_indices = _max_pool2d(*args, **kwargs)
@@ -174,7 +182,9 @@ class ApplyRegimes(TorchFunctionMode):
     def __exit__(self, *exc):
         super().__exit__(*exc)
         if exc[0] is None and self.used != len(self.regimes):
-            raise RuntimeError(f"the gated model used {self.used} of the {len(self.regimes)} gates its structural copy recorded")
+            raise RuntimeError(
+                f"the gated model used {self.used} of the {len(self.regimes)} gates its structural copy recorded"
+            )
 
 
 def record_regimes(model: nn.Module, x: Tensor, gate_maxpool: bool = False) -> list[ClampRegime | PoolRegime]:
