@@ -202,7 +202,7 @@ class Simulation:
     def evaluate(self, split: str) -> tuple[float, float]:
         """(accuracy, mean cross-entropy) on a split."""
         correct, losses = self.predict(split)
-        return correct.float().mean().item(), losses.mean().item()
+        return correct.sum().item() / len(correct), losses.double().mean().item()
 
     def client_accuracy(self) -> np.ndarray:
         """Accuracy on each client's own training samples, from one pass over the training set."""
