@@ -33,7 +33,7 @@ def _score(cfg: dict, lr: float, mode: str, epochs: int, rounds: int) -> tuple[f
     Federated mode scores the best round.
     """
     with tempfile.TemporaryDirectory() as work:
-        sim = Simulation(cfg, Path(work), lr)  # reseeded: every candidate starts from the same model
+        sim = Simulation(cfg, Path(work))  # reseeded: every candidate starts from the same model
         form = type(sim.model).__name__
         state = sim.global_state()
         try:

@@ -74,11 +74,11 @@ def seed_everything(seed: int) -> None:
 class Simulation:
     """The in-memory side of a run: data on the device, one model, its strategy and BN policy.
 
-    ``work_dir`` holds the per-client store (SCAFFOLD's control variates, FedBN's layers).
+    ``work_dir`` holds the per-client stores (SCAFFOLD's control variates, FedBN's layers).
     """
 
-    def __init__(self, cfg: dict, work_dir: Path, lr: float):
-        self.cfg, self.lr = cfg, lr
+    def __init__(self, cfg: dict, work_dir: Path):
+        self.cfg = cfg
         self.device = resolve_device(cfg["device"])
         precision = cfg["precision"]
         if precision == "auto":
@@ -113,11 +113,12 @@ class Simulation:
         # The pretrained (initial) network whose gates drift is measured against.
         self.reference = copy.deepcopy(base).eval().requires_grad_(False)
         self.reference.to(self.device, memory_format=self.memory_format)
-        store = ClientStore(Path(work_dir) / "clients")
-        self.strategy = strategies.build(cfg["method"], store, num_clients=cfg["split"]["num_clients"])
+        client_state = Path(work_dir) / "client_state"
+        self.strategy = strategies.build(
+            cfg["method"], ClientStore(client_state / "method"), num_clients=cfg["split"]["num_clients"])
         self.model = self.strategy.wrap(base).to(self.device, memory_format=self.memory_format)
         self.strategy.bind(self.model)
-        self.bn = BatchNormPolicy(cfg["bn"], self.model, store)
+        self.bn = BatchNormPolicy(cfg["bn"], self.model, ClientStore(client_state / "batchnorm"))
         self.params = [p for _, p in strategies.trainable(self.model)]
         self.probe = self.inputs(self.splits["val"][0][: cfg["eval"]["probe_size"]])
 
@@ -287,7 +288,7 @@ def run(cfg: dict, out_dir: Path) -> dict:
 
     started = time.perf_counter()
     lr, lr_source = config.resolve_lr(cfg)
-    sim = Simulation(cfg, out_dir, lr)
+    sim = Simulation(cfg, out_dir)
     tags = _tags(cfg)
     tracker = tracking.Tracker(
         cfg["tracking"]["uri"], cfg["tracking"]["experiment"],

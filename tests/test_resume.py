@@ -15,6 +15,7 @@ import yaml
 from mlflow import MlflowClient
 
 from fedsq import checkpoint, config, data, engine
+from fedsq.strategies import ClientStore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,6 +84,14 @@ def test_interrupted_run_resumes_into_the_same_mlflow_run_with_identical_results
     assert summary["mlflow_run_id"] == saved["mlflow_run_id"]
     assert_one_value_per_round(mlflow_uri, summary["mlflow_run_id"], rounds=2)
     assert_same_results(tmp_path / "straight", tmp_path / "resumed")
+
+    # the two kinds of per-client state are kept apart on disk
+    stores = tmp_path / "resumed" / "client_state"
+    client = int(next((stores / "batchnorm").glob("client*")).name.removeprefix("client"))
+    bn_state = ClientStore(stores / "batchnorm").get(client, before_round=99)
+    variates = ClientStore(stores / "method").get(client, before_round=99)
+    assert "bn1.running_var" in bn_state and "fc.weight" not in bn_state
+    assert "fc.weight" in variates and "bn1.running_var" not in variates
 
 
 def test_resume_refuses_a_changed_config(digits_root, mlflow_uri, tmp_path):
