@@ -86,7 +86,7 @@ class Simulation:
         self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
         self.memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
         if self.device.type == "cpu":
-            torch.use_deterministic_algorithms(True)
+            torch.use_deterministic_algorithms(True, warn_only=True)
         seed_everything(cfg["seed"])
 
         dataset = data.load(cfg["dataset"], Path(cfg["paths"]["data"]))
@@ -167,7 +167,10 @@ class Simulation:
                 loss_sum += loss.detach().float() * len(batch)
                 steps += 1
         self.bn.client_end(model, client, round)
-        self.strategy.client_end(model, client, round, steps, lr, global_state)
+        # SGD with momentum b moves lr / (1 - b) per unit of a steady gradient: SCAFFOLD's
+        # control variates divide the client's displacement by this effective step.
+        step_size = lr / (1 - cfg["optimizer"]["momentum"])
+        self.strategy.client_end(model, client, round, steps, step_size, global_state)
         # One host sync per client; a NaN anywhere in the client's steps survives the sum.
         total = loss_sum.item()
         if not math.isfinite(total):
