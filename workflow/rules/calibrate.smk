@@ -1,0 +1,28 @@
+# The learning-rate pick before FL: each method is calibrated in its own model form
+# (DualCopy for fedsq), so no method inherits an lr tuned for another.
+
+
+rule calibrate:
+    input:
+        unpack(calibrate_inputs),
+    output:
+        calibration="results/calibration/{dataset}/{backbone}/{method}.json",
+    params:
+        overrides=calibrate_overrides,
+        lrs=" ".join(map(str, config["calibration"]["lrs"])),
+        mode=config["calibration"]["mode"],
+        epochs=config["calibration"]["epochs"],
+        rounds=config["calibration"]["rounds"],
+    log:
+        "results/logs/calibrate/{dataset}/{backbone}/{method}.log",
+    threads: config["resources"]["calibrate"]["threads"]
+    resources:
+        gpu=config["resources"]["gpu"],
+        mem_mb=config["resources"]["calibrate"]["mem_mb"],
+        runtime=config["resources"]["calibrate"]["runtime"],
+    conda:
+        "../envs/fedsq.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} python -m fedsq calibrate --config {input.run_config} {params.overrides}"
+        " --lrs {params.lrs} --mode {params.mode} --epochs {params.epochs} --rounds {params.rounds}"
+        " --out {output.calibration} > {log} 2>&1"

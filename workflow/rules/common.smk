@@ -1,0 +1,213 @@
+# Config validation, the grid, paths, input functions and wildcard constraints, shared by
+# all rule files. Every path a job reads or writes is built here.
+
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import yaml
+from snakemake.utils import validate
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
+
+from fedsq import config as run_config
+from fedsq.partition import parse_split_label
+
+
+validate(config, "../schemas/config.schema.yaml")
+
+
+def _check_subset(key, chosen, allowed, where):
+    extra = [value for value in chosen or () if value not in allowed]
+    if extra:
+        raise ValueError(f"config key {key}: {extra} not {where}; allowed: {list(allowed)}")
+
+
+# Grid values are checked against the run config schema, the one list of datasets, backbones
+# and methods; the base run config is resolved with it, so a bad key stops us before any job.
+_RUN_KEYS = run_config.SCHEMA["properties"]
+_check_subset("datasets", config["datasets"], _RUN_KEYS["dataset"]["enum"], "a dataset")
+_check_subset("backbones", config["backbones"], _RUN_KEYS["backbone"]["enum"], "a backbone")
+_check_subset("methods", config["methods"], _RUN_KEYS["method"]["properties"]["name"]["enum"], "a method")
+for _key in ("datasets", "backbones", "splits", "seeds"):
+    _check_subset(f"control.{_key}", config["control"][_key], config[_key], "in the grid")
+for _key, _label in [*(("splits", s) for s in config["splits"]), ("calibration.split", config["calibration"]["split"])]:
+    try:
+        parse_split_label(_label)
+    except ValueError as err:
+        raise ValueError(f"config key {_key}: {err}") from None
+try:
+    RUN = run_config.load(config["run"])
+except ValueError as err:
+    raise ValueError(f"config key run: {err}") from None
+
+
+# Rules run `python -m fedsq`. Unless each rule gets its conda env, that must be the interpreter
+# running Snakemake (`.venv/bin/snakemake` works without an activated venv), so put it first on PATH.
+if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
+    shell.prefix(f'set -euo pipefail; export PATH="{Path(sys.executable).parent}:$PATH"; ')
+
+
+# results/<set>/ holds the calibrated runs and results/control/ the equal-lr control;
+# the value is the run's tags.lr_mode.
+LR_MODES = {"runs": "calibrated", "control": "equal"}
+
+DATA_ROOT = RUN["paths"]["data"]
+WEIGHTS_DIR = RUN["paths"]["weights"]
+RUN_CONFIG = "results/config/run.yaml"
+TRACKING_READY = f"results/tracking/{config['tracking']['experiment']}.ready"
+RUN_DIR = "results/{run_set}/{dataset}/{backbone}/{split}/{method}/seed{seed}"
+PARTITION_DIR = "results/partitions/{dataset}/{split}/seed{seed}"
+
+
+def _alternatives(values):
+    return "|".join(re.escape(str(v)) for v in values)
+
+
+wildcard_constraints:
+    run_set=_alternatives(LR_MODES),
+    dataset=_alternatives(config["datasets"]),
+    backbone=_alternatives(config["backbones"]),
+    split=_alternatives(set(config["splits"]) | {config["calibration"]["split"]}),
+    method=_alternatives(config["methods"]),
+    seed=r"\d+",
+
+
+def run_summaries():
+    """summary.json of every calibrated run and every equal-lr control run."""
+    runs = expand(
+        f"{RUN_DIR}/summary.json",
+        run_set="runs",
+        dataset=config["datasets"],
+        backbone=list(config["backbones"]),
+        split=config["splits"],
+        method=config["methods"],
+        seed=config["seeds"],
+    )
+    control = config["control"]
+    if control["enabled"]:
+        runs += expand(
+            f"{RUN_DIR}/summary.json",
+            run_set="control",
+            dataset=control["datasets"] or config["datasets"],
+            backbone=control["backbones"] or list(config["backbones"]),
+            split=control["splits"] or config["splits"],
+            method=config["methods"],
+            seed=control["seeds"] or config["seeds"],
+        )
+    return runs
+
+
+def partition_class_counts():
+    """class_counts.csv of every partition the runs use."""
+    return expand(
+        f"{PARTITION_DIR}/class_counts.csv",
+        dataset=config["datasets"],
+        split=config["splits"],
+        seed=config["seeds"],
+    )
+
+
+def _weights_input(backbone):
+    if config["backbones"][backbone]["weights"] == "imagenet":
+        return {"weights": f"{WEIGHTS_DIR}/{backbone}_imagenet.pt"}
+    return {}
+
+
+def calibrate_inputs(wildcards):
+    return {
+        "run_config": RUN_CONFIG,
+        "data": f"{DATA_ROOT}/{wildcards.dataset}/meta.json",
+        **_weights_input(wildcards.backbone),
+    }
+
+
+def fl_inputs(wildcards):
+    inputs = {
+        **calibrate_inputs(wildcards),
+        "partition": expand(f"{PARTITION_DIR}/partition.npz", **wildcards)[0],
+        "tracking": TRACKING_READY,
+    }
+    if wildcards.run_set == "runs":
+        inputs["calibration"] = f"results/calibration/{wildcards.dataset}/{wildcards.backbone}/{wildcards.method}.json"
+    return inputs
+
+
+def _model_settings(wildcards, split, seed):
+    """What one (dataset, backbone, method, split, seed) sets on top of the base run config."""
+    backbone = config["backbones"][wildcards.backbone]
+    settings = {
+        "dataset": wildcards.dataset,
+        "backbone": wildcards.backbone,
+        "weights": backbone["weights"],
+        "method.name": wildcards.method,
+        "seed": seed,
+        "split.seed": seed,
+        **{f"split.{key}": value for key, value in parse_split_label(split).items()},
+    }
+    if backbone["image_size"] is not None:
+        settings["image_size"] = backbone["image_size"]
+    return settings
+
+
+def _yaml_value(value):
+    # `fedsq --set key=value` reads value as YAML: write it plain when that reads back the same
+    # (digits, 0.1), else as JSON, which is YAML too (null, "123" as a string).
+    text = str(value)
+    return text if yaml.safe_load(text) == value else json.dumps(value)
+
+
+def _as_set_args(settings):
+    return " ".join(f"--set {shlex.quote(f'{key}={_yaml_value(value)}')}" for key, value in settings.items())
+
+
+def calibrate_overrides(wildcards):
+    calibration = config["calibration"]
+    return _as_set_args(_model_settings(wildcards, calibration["split"], calibration["seed"]))
+
+
+def fl_overrides(wildcards, input):
+    settings = _model_settings(wildcards, wildcards.split, int(wildcards.seed))
+    settings["paths.partition"] = str(Path(input.partition).parent)
+    settings["tags.lr_mode"] = LR_MODES[wildcards.run_set]
+    settings["tracking.experiment"] = config["tracking"]["experiment"]
+    if config["tracking"]["uri"] is not None:
+        settings["tracking.uri"] = config["tracking"]["uri"]
+    if wildcards.run_set == "runs":
+        settings["optimizer.lr"] = "calibrated"
+        settings["calibration"] = input.calibration
+    else:
+        settings["optimizer.lr"] = config["control"]["lr"]
+    return _as_set_args(settings)
+
+
+def tracking_init_args():
+    args = ["--experiment", config["tracking"]["experiment"]]
+    if config["tracking"]["uri"] is not None:
+        args += ["--uri", config["tracking"]["uri"]]
+    return shlex.join(args)
+
+
+def weights_fetch_args(wildcards):
+    backbone = config["backbones"][wildcards.backbone]
+    args = ["--source", backbone["source"]]
+    if backbone["sha256"] is not None:
+        args += ["--sha256", backbone["sha256"]]
+    return shlex.join(args)
+
+
+def partition_args():
+    split = RUN["split"]
+    return shlex.join(["--num-clients", str(split["num_clients"]), "--min-size", str(split["min_size"])])
+
+
+def data_prepare_args(wildcards):
+    data = config["data"]
+    args = ["--val-fraction", str(data["val_fraction"]), "--seed", str(data["seed"])]
+    mirror = data["mirrors"].get(wildcards.dataset)
+    if mirror is not None:
+        args += ["--url", mirror["url"]]
+        if "md5" in mirror:
+            args += ["--md5", mirror["md5"]]
+    return shlex.join(args)
