@@ -20,6 +20,7 @@ matplotlib.use("Agg")  # files only; no display on cluster nodes
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 GROUP = ["dataset", "backbone", "split", "method", "lr_mode"]
 # summary.json key -> table header; accuracies are shown in percent in Markdown and LaTeX.
@@ -398,6 +399,7 @@ def _finish(fig, axes, xlabel: str, ylabel: str, title: str) -> None:
         ax.set_ylabel(ylabel)
     for ax in axes.flat:
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     _legend(fig, axes)
     fig.suptitle(title, fontsize=11)
 
