@@ -327,10 +327,9 @@ def _seed_band(ax, curves: pd.DataFrame, column: str, color, linestyle: str, lab
 
 def plot_curves(curves: pd.DataFrame, column: str, ylabel: str):
     """One panel per backbone × split, one line per method (dashed: equal-lr control), seed band."""
-    if curves.empty or column not in curves:
-        warnings.warn(f"no {column} in any metrics.csv: plot skipped", stacklevel=2)
-        return None
-    curves = curves.dropna(subset=[column])
+    curves = _measured(curves, column)
+    if curves.empty:
+        return _no_data_figure(f"no {column} in any metrics.csv")
     fig, axes, rows, splits = _panels(curves)
     colors = _method_colors(curves["method"])
     for (dataset, backbone, split, method, lr_mode), group in curves.groupby(GROUP):
@@ -347,12 +346,11 @@ def plot_gate_agreement(curves: pd.DataFrame):
     Shown for the calibrated runs only (the equal-lr controls would double the lines).
     """
     own, pretrained = "gate_agreement", "gate_agreement_pretrained_bn"
-    if curves.empty or own not in curves:
-        warnings.warn("no gate_agreement in any metrics.csv: plot skipped", stacklevel=2)
-        return None
+    curves = _measured(curves, own)
+    if curves.empty:
+        return _no_data_figure("no gate agreement in any metrics.csv (eval.drift_every: 0?)")
     modes = curves["lr_mode"].unique()
     curves = curves[curves["lr_mode"] == ("calibrated" if "calibrated" in modes else modes[0])]
-    curves = curves.dropna(subset=[own])
     fig, axes, rows, splits = _panels(curves)
     colors = _method_colors(curves["method"])
     for (dataset, backbone, split, method), group in curves.groupby(["dataset", "backbone", "split", "method"]):
@@ -412,9 +410,20 @@ def _legend(fig, axes) -> None:
     fig.legend(entries.values(), entries.keys(), loc="outside lower center", ncol=min(len(entries), 3), fontsize=9)
 
 
+def _measured(curves: pd.DataFrame, column: str) -> pd.DataFrame:
+    """The rows where ``column`` was measured (it may be evaluated every k rounds only, or never)."""
+    return curves.dropna(subset=[column]) if column in curves else curves.iloc[0:0]
+
+
+def _no_data_figure(message: str):
+    """A picture that says what is missing: the pipeline declares every plot as an output."""
+    warnings.warn(f"{message}: plot left empty", stacklevel=3)
+    fig = plt.figure(figsize=(6, 1.5))
+    fig.text(0.5, 0.5, message, ha="center", va="center")
+    return fig
+
+
 def _save(fig, path: Path) -> None:
-    if fig is None:
-        return
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -147,8 +147,15 @@ def test_runs_missing_keys_and_curves_still_produce_tables(tmp_path):
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
 
-    with pytest.warns(UserWarning, match="no summary.json"):
+    gateless = pd.read_csv(full / "metrics.csv").assign(gate_agreement=np.nan)  # eval.drift_every: 0
+    gateless.to_csv(full / "metrics.csv", index=False)
+
+    with pytest.warns(UserWarning) as caught:
         report.build([full, sparse, unfinished], tmp_path / "out")
+    messages = " ".join(str(w.message) for w in caught)
+    assert "unfinished: no summary.json" in messages and "no gate agreement" in messages
+    # The pipeline declares every plot as an output: one without data still exists and says so.
+    assert (tmp_path / "out" / "plots" / "gate_agreement_vs_round.png").read_bytes()[:4] == b"\x89PNG"
     table = pd.read_csv(tmp_path / "out" / "tables" / "results.csv").set_index("method")
     assert table.loc["fedsq", "best_val_acc_mean"] == 0.85
     assert table.loc["fedsq", "lr_mode"] == "calibrated"
