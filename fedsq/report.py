@@ -67,7 +67,8 @@ def build(run_dirs: list[Path], out: Path, partitions: list[Path] = (), parity_t
     results.to_csv(tables / "results.csv", index=False)
     display = results_display(results)
     (tables / "results.md").write_text(display.to_markdown(index=False) + "\n")
-    latex = display.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis=1).to_latex(hrules=True)
+    styler = display.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis=1)
+    latex = styler.to_latex(hrules=True)
     (tables / "results.tex").write_text(latex.replace("±", r"$\pm$"))
 
     claims = claims_table(runs, parity_tolerance)
@@ -130,7 +131,8 @@ def _run_keys(summary: dict, run_dir: Path) -> dict:
 
 
 def _sort(frame: pd.DataFrame, by: list[str] = (*GROUP, "seed")) -> pd.DataFrame:
-    """Paper order: claims as listed, fedavg, fedprox, fedsq first, iid then Dirichlet by decreasing alpha, calibrated lr first."""
+    """Reading order: claims as listed; fedavg, fedprox, fedsq, then other methods;
+    iid, then Dirichlet by decreasing alpha; calibrated lr before the equal-lr control."""
 
     def key(column: pd.Series) -> pd.Series:
         if column.name == "claim":
@@ -197,15 +199,14 @@ def results_display(results: pd.DataFrame) -> pd.DataFrame:
     for metric, header in SUMMARY_METRICS.items():
         if f"{metric}_mean" in results:
             scale = 100.0 if metric in ACCURACIES else 1.0
-            shown[header] = [_mean_std(m, s, scale) for m, s in zip(results[f"{metric}_mean"], results[f"{metric}_std"])]
+            means, stds = results[f"{metric}_mean"], results[f"{metric}_std"]
+            shown[header] = [_mean_std(m, s, scale) for m, s in zip(means, stds)]
     for column in results.columns:
         if column.startswith("rounds_to_") and column.endswith("_mean"):
             metric = column.removesuffix("_mean")
             target = float(metric.removeprefix("rounds_to_"))
-            shown[f"rounds to {target:.0%} (reached)"] = [
-                f"{_mean_std(m, s)} ({r}/{n})"
-                for m, s, r, n in zip(results[column], results[f"{metric}_std"], results[f"{metric}_reached"], results["n_seeds"])
-            ]
+            stats = zip(results[column], results[f"{metric}_std"], results[f"{metric}_reached"], results["n_seeds"])
+            shown[f"rounds to {target:.0%} (reached)"] = [f"{_mean_std(m, s)} ({r}/{n})" for m, s, r, n in stats]
     return shown
 
 
@@ -272,13 +273,12 @@ def _verdict(claim: str, fedsq: pd.Series, baseline: pd.Series, tolerance: float
 def claims_display(claims: pd.DataFrame) -> pd.DataFrame:
     """Claims as readable strings: accuracies in percent, rounds as rounds, n seeds beside each."""
     shown = pd.DataFrame({"claim": claims["claim"].map(CLAIMS)})
-    shown[["dataset", "backbone", "split", "baseline", "lr"]] = claims[["dataset", "backbone", "split", "baseline", "lr_mode"]]
+    shown[["dataset", "backbone", "split", "baseline"]] = claims[["dataset", "backbone", "split", "baseline"]]
+    shown["lr"] = claims["lr_mode"]
     shown["measure"] = claims["metric"].map(_metric_label)
     for side, header in [("fedsq", "fedsq"), ("baseline", "baseline value")]:
-        shown[header] = [
-            f"{_mean_std(m, s, 100.0 if metric in ACCURACIES else 1.0)} (n={n})"
-            for m, s, n, metric in zip(claims[f"{side}_mean"], claims[f"{side}_std"], claims[f"{side}_n"], claims["metric"])
-        ]
+        stats = zip(claims[f"{side}_mean"], claims[f"{side}_std"], claims[f"{side}_n"], claims["metric"])
+        shown[header] = [f"{_mean_std(m, s, 100.0 if k in ACCURACIES else 1.0)} (n={n})" for m, s, n, k in stats]
     shown["last-3 val acc (%) fedsq / baseline"] = [
         f"{_mean_std(a, np.nan, 100)} / {_mean_std(b, np.nan, 100)}"
         for a, b in zip(claims["fedsq_last3_mean"], claims["baseline_last3_mean"])
@@ -358,7 +358,8 @@ def plot_gate_agreement(curves: pd.DataFrame):
         _seed_band(ax, group, own, colors[method], "-", f"{method}, own BN stats")
         if pretrained in group:
             _seed_band(ax, group, pretrained, colors[method], "--", f"{method}, pretrained BN stats")
-    _finish(fig, axes, "round", "gate agreement", "agreement of gates with the pretrained model (mean over seeds, band = min–max)")
+    title = "agreement of gates with the pretrained model (mean over seeds, band = min–max)"
+    _finish(fig, axes, "round", "gate agreement", title)
     return fig
 
 
@@ -450,7 +451,9 @@ def collect_partitions(partition_dirs: list[Path], out: Path) -> None:
             warnings.warn(f"{folder}: no class_counts.csv", stacklevel=2)
     if not counts:
         return
-    fig, axes = plt.subplots(1, len(counts), figsize=(3.6 * len(counts) + 1.2, 3.6), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        1, len(counts), figsize=(3.6 * len(counts) + 1.2, 3.6), squeeze=False, layout="constrained"
+    )
     for ax, (name, table) in zip(axes[0], counts.items()):
         shares = table.div(table.sum(axis=1), axis=0)
         image = ax.imshow(shares.to_numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
