@@ -47,7 +47,7 @@ write_config() {
     fi
     local host cpus mem_mb
     host=$(hostname -s)
-    cpus=$(nproc)
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc obeys OpenMP limits
     # Leave 10% of memory to the system, as a site would, so jobs that ask too much are rejected.
     mem_mb=$(free -m | awk '/^Mem:/ {print int($2 * 0.9)}')
     mkdir -p "$STATE/ctld" "$STATE/d" /etc/slurm
@@ -58,7 +58,7 @@ ClusterName=localcluster
 SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 AuthType=auth/munge
-ProctrackType=proctrack/linuxproc
+ProctrackType=proctrack/pgid
 TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
@@ -98,7 +98,10 @@ start() {
     install_packages
     local t0=$SECONDS
     mkdir -p "$STATE"
-    pid_alive "$STATE/slurmctld.pid" || write_config
+    if ! pid_alive "$STATE/slurmctld.pid"; then
+        ! scontrol ping 2>/dev/null | grep -q UP || die "a slurmctld not started from $STATE is already running"
+        write_config
+    fi
     start_munge
     pid_alive "$STATE/slurmctld.pid" || slurmctld
     pid_alive "$STATE/slurmd.pid" || slurmd
@@ -106,7 +109,7 @@ start() {
         ((SECONDS - t0 < START_TIMEOUT)) || die "node not idle after ${START_TIMEOUT}s; see $STATE/slurmctld.log and $STATE/slurmd.log"
         sleep 0.5
     done
-    log "cluster up in $((SECONDS - t0))s: partition $PARTITION, $(nproc) CPUs; logs in $STATE"
+    log "cluster up in $((SECONDS - t0))s: partition $PARTITION, $(sinfo -h -o %c) CPUs; logs in $STATE"
 }
 
 stop() {
