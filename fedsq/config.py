@@ -9,12 +9,30 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
 
 import jsonschema
 import yaml
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-3`` as a string; learning rates are written that way, so read floats as YAML 1.2 does."""
+
+
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _parse_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
 
 SCHEMA: dict = yaml.safe_load(resources.files("fedsq").joinpath("run_config.schema.yaml").read_text())
 
@@ -65,7 +83,7 @@ def apply_override(cfg: dict, override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ValueError(f"override {override!r}: {part} is not a mapping")
-    node[leaf] = yaml.safe_load(value)
+    node[leaf] = _parse_yaml(value)
 
 
 def load(path_or_dict: str | Path | dict, overrides: Iterable[str] = ()) -> dict:
@@ -73,7 +91,7 @@ def load(path_or_dict: str | Path | dict, overrides: Iterable[str] = ()) -> dict
     if isinstance(path_or_dict, dict):
         cfg = copy.deepcopy(path_or_dict)
     else:
-        cfg = yaml.safe_load(Path(path_or_dict).read_text()) or {}
+        cfg = _parse_yaml(Path(path_or_dict).read_text()) or {}
         if not isinstance(cfg, dict):
             raise ValueError(f"{path_or_dict}: a run config must be a mapping of keys to values")
     for override in overrides:

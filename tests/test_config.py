@@ -91,3 +91,12 @@ def test_flatten_uses_dotted_keys():
     flat = config.flatten(config.load({}))
     assert flat["split.alpha"] == 0.5 and flat["method.name"] == "fedavg" and flat["eval.targets"] == [0.6, 0.7]
     assert not any(isinstance(v, dict) for v in flat.values())
+
+
+def test_scientific_notation_is_a_number_in_files_and_overrides(tmp_path):
+    # YAML 1.1 (PyYAML) would read these as strings and the lr check would reject them.
+    path = tmp_path / "run.yaml"
+    path.write_text("optimizer: {lr: 1e-3, weight_decay: 5.0E-4}\n")
+    cfg = config.load(path, overrides=["method.tau=1e-6"])
+    assert cfg["optimizer"]["lr"] == 0.001 and cfg["optimizer"]["weight_decay"] == 0.0005
+    assert cfg["method"]["tau"] == 1e-6

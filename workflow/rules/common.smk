@@ -11,20 +11,36 @@ import yaml
 from snakemake.utils import validate
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
+from fedsq import config as run_config
 from fedsq.partition import parse_split_label
 
 
 validate(config, "../schemas/config.schema.yaml")
 
 
-def _check_subset(key, chosen, allowed):
-    extra = sorted(set(chosen or ()) - set(allowed))
+def _check_subset(key, chosen, allowed, where):
+    extra = [value for value in chosen or () if value not in allowed]
     if extra:
-        raise ValueError(f"config key {key}: {extra} not in the grid; allowed: {sorted(allowed)}")
+        raise ValueError(f"config key {key}: {extra} not {where}; allowed: {list(allowed)}")
 
 
+# Grid values are checked against the run config schema, the one list of datasets, backbones
+# and methods; the base run config is resolved with it, so a bad key stops us before any job.
+_RUN_KEYS = run_config.SCHEMA["properties"]
+_check_subset("datasets", config["datasets"], _RUN_KEYS["dataset"]["enum"], "a dataset")
+_check_subset("backbones", config["backbones"], _RUN_KEYS["backbone"]["enum"], "a backbone")
+_check_subset("methods", config["methods"], _RUN_KEYS["method"]["properties"]["name"]["enum"], "a method")
 for _key in ("datasets", "backbones", "splits", "seeds"):
-    _check_subset(f"control.{_key}", config["control"][_key], config[_key])
+    _check_subset(f"control.{_key}", config["control"][_key], config[_key], "in the grid")
+for _key, _label in [*(("splits", s) for s in config["splits"]), ("calibration.split", config["calibration"]["split"])]:
+    try:
+        parse_split_label(_label)
+    except ValueError as err:
+        raise ValueError(f"config key {_key}: {err}") from None
+try:
+    RUN = run_config.load(config["run"])
+except ValueError as err:
+    raise ValueError(f"config key run: {err}") from None
 
 
 # Rules run `python -m fedsq`. Unless each rule gets its conda env, that must be the interpreter
@@ -37,8 +53,8 @@ if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
 # the value is the run's tags.lr_mode.
 LR_MODES = {"runs": "calibrated", "control": "equal"}
 
-DATA_ROOT = "resources/data"
-WEIGHTS_DIR = "resources/weights"
+DATA_ROOT = RUN["paths"]["data"]
+WEIGHTS_DIR = RUN["paths"]["weights"]
 RUN_CONFIG = "results/config/run.yaml"
 TRACKING_READY = f"results/tracking/{config['tracking']['experiment']}.ready"
 RUN_DIR = "results/{run_set}/{dataset}/{backbone}/{split}/{method}/seed{seed}"
@@ -125,8 +141,6 @@ def _model_settings(wildcards, split, seed):
         "dataset": wildcards.dataset,
         "backbone": wildcards.backbone,
         "weights": backbone["weights"],
-        "paths.data": DATA_ROOT,
-        "paths.weights": WEIGHTS_DIR,
         "method.name": wildcards.method,
         "seed": seed,
         "split.seed": seed,
@@ -137,9 +151,15 @@ def _model_settings(wildcards, split, seed):
     return settings
 
 
+def _yaml_value(value):
+    # `fedsq --set key=value` reads value as YAML: write it plain when that reads back the same
+    # (digits, 0.1), else as JSON, which is YAML too (null, "123" as a string).
+    text = str(value)
+    return text if yaml.safe_load(text) == value else json.dumps(value)
+
+
 def _as_set_args(settings):
-    # `fedsq --set key=value` reads value as YAML; JSON is YAML and keeps strings strings.
-    return " ".join(f"--set {shlex.quote(f'{key}={json.dumps(value)}')}" for key, value in settings.items())
+    return " ".join(f"--set {shlex.quote(f'{key}={_yaml_value(value)}')}" for key, value in settings.items())
 
 
 def calibrate_overrides(wildcards):
@@ -178,11 +198,8 @@ def weights_fetch_args(wildcards):
 
 
 def partition_args():
-    split = config["run"]["split"]
-    args = ["--num-clients", str(split["num_clients"])]
-    if "min_size" in split:
-        args += ["--min-size", str(split["min_size"])]
-    return shlex.join(args)
+    split = RUN["split"]
+    return shlex.join(["--num-clients", str(split["num_clients"]), "--min-size", str(split["min_size"])])
 
 
 def data_prepare_args(wildcards):

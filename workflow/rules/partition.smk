@@ -21,6 +21,7 @@ rule partition:
     log:
         "results/logs/partition/{dataset}/{split}/seed{seed}.log",
     threads: 1
+    localrule: True  # seconds of work: not worth a cluster job
     conda:
         "../envs/fedsq.yaml"
     shell:

@@ -24,6 +24,7 @@ rule report:
     log:
         "results/logs/report.log",
     threads: 1
+    localrule: True  # seconds of work: not worth a cluster job
     conda:
         "../envs/fedsq.yaml"
     shell:

@@ -1,0 +1,64 @@
+"""Gating drift: how far training moved a model's structure away from the pretrained one.
+
+FedSQ's premise is that the gating pattern (which regime each ReLU/ReLU6 unit is in) is
+the structural knowledge worth keeping. ``gate_agreement`` measures, on a fixed probe batch,
+the fraction of gate units in the same regime as in the pretrained reference: 1.0 for FedSQ
+by construction, and for FedAvg a number for how much local training disturbed the structure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from fedsq.dualcopy import ClampRegime, DualCopy, record_regimes
+
+
+@contextlib.contextmanager
+def _in_eval_mode(model: nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def _with_batchnorm_statistics_of(model: nn.Module, reference: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose BatchNorm running statistics are the reference's."""
+    model = copy.deepcopy(model)
+    reference_norms = dict(reference.named_modules())
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            source = reference_norms[name]
+            module.running_mean.copy_(source.running_mean)
+            module.running_var.copy_(source.running_var)
+    return model
+
+
+def _gate_codes(model: nn.Module, x: Tensor) -> list[Tensor]:
+    with _in_eval_mode(model):
+        return [r.codes() for r in record_regimes(model, x) if isinstance(r, ClampRegime)]
+
+
+def gate_agreement(model: nn.Module, reference: nn.Module, probe_x: Tensor, *, reference_bn: bool = False) -> float:
+    """Fraction of gate units (over all call sites) whose regime on ``probe_x`` matches ``reference``'s.
+
+    Both are evaluated in eval mode. A DualCopy is judged by the gates its forward pass uses
+    (its structural copy's). ``reference_bn=True`` evaluates ``model`` with the reference's
+    BatchNorm statistics, separating drift of the weights from drift of the statistics.
+    """
+    gated = model.structural if isinstance(model, DualCopy) else model
+    if reference_bn:
+        gated = _with_batchnorm_statistics_of(gated, reference)
+    codes = _gate_codes(gated, probe_x)
+    reference_codes = _gate_codes(reference, probe_x)
+    if [c.shape for c in codes] != [c.shape for c in reference_codes]:
+        raise ValueError(
+            f"model and reference have different gates ({len(codes)} vs {len(reference_codes)} call sites): not the same architecture"
+        )
+    agreeing = sum(int((a == b).sum()) for a, b in zip(codes, reference_codes))
+    return agreeing / sum(c.numel() for c in codes)

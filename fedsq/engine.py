@@ -1,0 +1,366 @@
+"""One federated run: sequential client simulation over one model object.
+
+Every sampled client in turn loads the global state into the same model, trains on its
+own samples (served by index from the prepared uint8 arrays, converted on the device), and
+adds its state to a running sample-weighted sum; the strategy turns the average into the
+next global state. Memory is a constant number of models whatever the number of clients;
+per-client state (SCAFFOLD, FedBN) lives on disk.
+
+Outputs in the run folder: ``checkpoint.pt`` (every round, atomic), ``metrics.csv`` (one
+row per round, round 0 = the initial model) and ``summary.json`` (written last: its
+presence marks a finished run).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from fedsq import checkpoint, config, data, models, partition, strategies, weights
+from fedsq.strategies import BatchNormPolicy, ClientStore, WeightedAverage
+
+METRICS_COLUMNS = [
+    "round", "val_acc", "val_loss", "test_acc", "test_loss", "train_loss", "gate_agreement",
+    "gate_agreement_pretrained_bn", "lr", "samples_trained", "wall_seconds",
+]
+
+
+class Diverged(ValueError):
+    """A client's training loss became NaN or infinite."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' requested but no CUDA device is available (use auto or cpu)")
+    return torch.device(name)
+
+
+def round_lr(cfg: dict, lr: float, round: int) -> float:
+    """The client learning rate of ``round`` (1-based) under ``lr_schedule``."""
+    if cfg["lr_schedule"] == "cosine":
+        return lr * 0.5 * (1 + math.cos(math.pi * (round - 1) / cfg["rounds"]))
+    return lr
+
+
+def sample_clients(cfg: dict, round: int) -> np.ndarray:
+    """The clients of ``round``, from a generator seeded by (run seed, round): a resumed run
+    draws the same clients as an uninterrupted one."""
+    n, k = cfg["split"]["num_clients"], cfg["clients_per_round"] or cfg["split"]["num_clients"]
+    if k == n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng((cfg["seed"], round)).choice(n, size=k, replace=False))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Simulation:
+    """The in-memory side of a run: data on the device, one model, its strategy and BN policy.
+
+    ``work_dir`` holds the per-client store (SCAFFOLD's control variates, FedBN's layers).
+    """
+
+    def __init__(self, cfg: dict, work_dir: Path, lr: float):
+        self.cfg, self.lr = cfg, lr
+        self.device = resolve_device(cfg["device"])
+        precision = cfg["precision"]
+        if precision == "auto":
+            precision = "bf16" if self.device.type == "cuda" else "fp32"
+        self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        self.memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+        if self.device.type == "cpu":
+            torch.use_deterministic_algorithms(True)
+        seed_everything(cfg["seed"])
+
+        dataset = data.load(cfg["dataset"], Path(cfg["paths"]["data"]))
+        self.num_classes = dataset.num_classes
+        self.splits = {name: self._to_device(getattr(dataset, name)) for name in ("train", "val", "test")}
+        self.partition_dir = Path(cfg["paths"]["partition"]) if cfg["paths"]["partition"] else None
+        if self.partition_dir is not None:
+            self.parts = partition.load(self.partition_dir)
+        else:
+            self.parts = partition.make(dataset.train.y, cfg["split"])
+        if len(self.parts) != cfg["split"]["num_clients"]:
+            raise ValueError(
+                f"paths.partition: {self.partition_dir} has {len(self.parts)} clients, "
+                f"split.num_clients is {cfg['split']['num_clients']}"
+            )
+        self.client_sizes = [len(p) for p in self.parts]
+
+        backbone = cfg["backbone"]
+        models.check_image_size(backbone, cfg["image_size"])
+        spec = models.SPECS[backbone]
+        self.mean, self.std = spec.mean, spec.std
+        weights_path = weights.resolve(backbone, cfg["weights"], Path(cfg["paths"]["weights"]))
+        base = models.build(backbone, self.num_classes, weights_path)
+        # The pretrained (initial) network whose gates drift is measured against.
+        self.reference = copy.deepcopy(base).eval().requires_grad_(False)
+        self.reference.to(self.device, memory_format=self.memory_format)
+        store = ClientStore(Path(work_dir) / "clients")
+        self.strategy = strategies.build(cfg["method"], store, num_clients=cfg["split"]["num_clients"])
+        self.model = self.strategy.wrap(base).to(self.device, memory_format=self.memory_format)
+        self.strategy.bind(self.model)
+        self.bn = BatchNormPolicy(cfg["bn"], self.model, store)
+        self.params = [p for _, p in strategies.trainable(self.model)]
+        self.probe = self.inputs(self.splits["val"][0][: cfg["eval"]["probe_size"]])
+
+    def _to_device(self, split: data.Split) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole split moved once (uint8 images: 4x smaller than floats); batches are
+        gathered by index and converted on the device."""
+        x, y = torch.from_numpy(np.array(split.x)), torch.from_numpy(np.array(split.y))  # read into memory once
+        if self.device.type == "cuda":
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def inputs(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        x = data.to_model_input(x_uint8, self.cfg["image_size"], self.mean, self.std)
+        return x.contiguous(memory_format=self.memory_format)
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def train_client(self, client: int, indices: np.ndarray, round: int, lr: float, global_state: dict,
+                     epochs: int | None = None) -> tuple[float, int]:
+        """Local training of one client from the global state; returns (sum of sample losses, samples)."""
+        cfg, model = self.cfg, self.model
+        epochs = epochs or cfg["local_epochs"]
+        model.load_state_dict(global_state)
+        self.bn.client_begin(model, client, round)
+        self.strategy.client_begin(model, client, round, global_state)
+        opt = torch.optim.SGD(self.params, lr=lr, momentum=cfg["optimizer"]["momentum"],
+                              weight_decay=cfg["optimizer"]["weight_decay"])
+        self.bn.train_mode(model)
+        x_all, y_all = self.splits["train"]
+        order_rng = np.random.default_rng((cfg["seed"], round, client))
+        num_batches = math.ceil(len(indices) / cfg["batch_size"])
+        loss_sum, steps = torch.zeros((), device=self.device), 0
+        for epoch in range(epochs):
+            self.bn.epoch_begin(last=epoch == epochs - 1)
+            # Near-equal batches: never a batch of one, which BatchNorm cannot train on.
+            for batch in np.array_split(order_rng.permutation(indices), num_batches):
+                index = torch.from_numpy(batch).to(self.device, non_blocking=True)
+                x, y = self.inputs(x_all[index]), y_all[index]
+                with torch.autocast(**self.autocast):
+                    loss = F.cross_entropy(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                self.strategy.client_grad(self.params)
+                opt.step()
+                loss_sum += loss.detach().float() * len(batch)
+                steps += 1
+        self.bn.client_end(model, client, round)
+        self.strategy.client_end(model, client, round, steps, lr, global_state)
+        # One host sync per client; a NaN anywhere in the client's steps survives the sum.
+        total = loss_sum.item()
+        if not math.isfinite(total):
+            raise Diverged(f"round {round}, client {client}: training loss is {total} (diverged); try a smaller optimizer.lr")
+        return total, len(indices) * epochs
+
+    def train_round(self, round: int, lr: float, global_state: dict) -> tuple[dict, float, int]:
+        """One round over the sampled clients; returns (new global state, mean train loss, samples)."""
+        average = WeightedAverage(self.bn.pooled_var())
+        loss_sum, samples = 0.0, 0
+        clients = sample_clients(self.cfg, round)
+        for client in tqdm(clients, desc=f"round {round} clients", leave=False, unit="client"):
+            client_loss, client_samples = self.train_client(int(client), self.parts[client], round, lr, global_state)
+            average.add(self.model.state_dict(), self.client_sizes[client])
+            loss_sum, samples = loss_sum + client_loss, samples + client_samples
+        return self.strategy.server_update(global_state, average.result()), loss_sum / samples, samples
+
+    @torch.inference_mode()
+    def predict(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample (correct, cross-entropy) of the model as it is, over a whole split."""
+        self.model.eval()
+        x_all, y_all = self.splits[split]
+        size = self.cfg["eval"]["batch_size"]
+        correct, losses = [], []
+        for start in range(0, len(y_all), size):
+            x, y = x_all[start:start + size], y_all[start:start + size]
+            with torch.autocast(**self.autocast):
+                logits = self.model(self.inputs(x)).float()
+            losses.append(F.cross_entropy(logits, y, reduction="none"))
+            correct.append(logits.argmax(1) == y)
+        return torch.cat(correct), torch.cat(losses)
+
+    def evaluate(self, split: str) -> tuple[float, float]:
+        """(accuracy, mean cross-entropy) on a split."""
+        correct, losses = self.predict(split)
+        return correct.float().mean().item(), losses.mean().item()
+
+    def client_accuracy(self) -> np.ndarray:
+        """Accuracy on each client's own training samples, from one pass over the training set."""
+        correct = self.predict("train")[0].cpu().numpy()
+        return np.array([correct[part].mean() for part in self.parts])
+
+    def gate_agreement(self) -> tuple[float, float]:
+        """Agreement of the model's gates with the pretrained ones: own BN stats, pretrained BN stats."""
+        from fedsq import drift
+
+        self.model.eval()
+        return tuple(
+            drift.gate_agreement(self.model, self.reference, self.probe, reference_bn=reference_bn)
+            for reference_bn in (False, True)
+        )
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _config_diff(a: dict, b: dict) -> list[str]:
+    fa, fb = config.flatten(a), config.flatten(b)
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
+
+
+def _same_config(stored: dict, cfg: dict, where: Path) -> None:
+    diff = _config_diff(stored, cfg)
+    if diff:
+        raise ValueError(
+            f"{where} belongs to a run with another config (differs in: {', '.join(diff)}); "
+            "use another --out folder or delete it"
+        )
+
+
+def summarize(rows: list[dict], cfg: dict) -> dict:
+    """Best / final / last-3 / rounds-to-target figures from the metrics rows."""
+    frame = pd.DataFrame(rows, columns=METRICS_COLUMNS)
+    best = int(frame["val_acc"].idxmax())  # first round reaching the best
+    trained = frame[frame["round"] > 0] if len(frame) > 1 else frame
+    targets = {}
+    for target in cfg["eval"]["targets"]:
+        reached = frame.loc[frame["val_acc"] >= target, "round"]
+        targets[str(target)] = int(reached.iloc[0]) if len(reached) else None
+    test_at_best = frame.loc[best, "test_acc"]
+    return {
+        "best_val_acc": float(frame.loc[best, "val_acc"]),
+        "best_round": int(frame.loc[best, "round"]),
+        "test_acc_at_best": None if pd.isna(test_at_best) else float(test_at_best),
+        "final_val_acc": float(frame["val_acc"].iloc[-1]),
+        "final_test_acc": float(frame["test_acc"].iloc[-1]),
+        "last3_val_acc": float(trained["val_acc"].iloc[-3:].mean()),
+        "rounds_to_target": targets,
+        "rounds": int(frame["round"].iloc[-1]),
+    }
+
+
+def _tags(cfg: dict) -> dict:
+    return cfg["tags"] | {
+        "dataset": cfg["dataset"], "backbone": cfg["backbone"], "split": partition.split_label(cfg["split"]),
+        "method": cfg["method"]["name"], "seed": str(cfg["seed"]),
+    }
+
+
+def run(cfg: dict, out_dir: Path) -> dict:
+    """Run (or resume, or skip if finished) the federated run ``cfg`` in ``out_dir``; return its summary."""
+    from fedsq import tracking
+
+    out_dir = Path(out_dir)
+    summary_path, ckpt_path, metrics_path = out_dir / "summary.json", out_dir / "checkpoint.pt", out_dir / "metrics.csv"
+    cfg = json.loads(json.dumps(cfg))  # the form it takes in summary.json and the checkpoint
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        _same_config(summary["config"], cfg, summary_path)
+        return summary  # finished: nothing to do
+    out_dir.mkdir(parents=True, exist_ok=True)
+    saved = checkpoint.load(ckpt_path)
+    if saved is not None:
+        _same_config(json.loads(saved["config"]), cfg, ckpt_path)
+
+    started = time.perf_counter()
+    lr, lr_source = config.resolve_lr(cfg)
+    sim = Simulation(cfg, out_dir, lr)
+    tags = _tags(cfg)
+    tracker = tracking.Tracker(
+        cfg["tracking"]["uri"], cfg["tracking"]["experiment"],
+        run_id=saved["mlflow_run_id"] if saved else None,
+        run_name="/".join(tags[k] for k in ("dataset", "backbone", "split", "method")) + f"/seed{cfg['seed']}",
+        tags=tags,
+    )
+    try:
+        tracker.log_params(config.flatten(cfg) | {"lr": lr, "lr_source": lr_source})
+        if saved is None:
+            global_state, rows, samples, elapsed_before, first = sim.global_state(), [], 0, 0.0, 0
+            partition_dir = sim.partition_dir or partition.write(
+                sim.parts, sim.splits["train"][1].cpu().numpy(), out_dir / "partition", sim.num_classes)
+            for name in ("class_counts.csv", "heatmap.png"):
+                tracker.log_artifact(partition_dir / name, "partition")
+        else:
+            global_state = {k: v.to(sim.device) for k, v in saved["global_state"].items()}
+            sim.strategy.load_state_dict(saved["strategy"])
+            checkpoint.set_rng_state(saved["rng"])
+            rows, samples, elapsed_before = saved["metrics"], saved["samples_trained"], saved["wall_seconds"]
+            first = saved["round"] + 1
+
+        def elapsed() -> float:
+            return elapsed_before + time.perf_counter() - started
+
+        rounds = cfg["rounds"]
+        for r in tqdm(range(first, rounds + 1), desc="rounds", unit="round", initial=first, total=rounds + 1):
+            row = {"round": r, "train_loss": None, "lr": None}
+            if r > 0:
+                row["lr"] = round_lr(cfg, lr, r)
+                global_state, row["train_loss"], trained = sim.train_round(r, row["lr"], global_state)
+                samples += trained
+            sim.model.load_state_dict(global_state)
+            row["val_acc"], row["val_loss"] = sim.evaluate("val")
+            if r % cfg["eval"]["test_every"] == 0 or r == rounds:
+                row["test_acc"], row["test_loss"] = sim.evaluate("test")
+            every = cfg["eval"]["drift_every"]
+            if every and (r % every == 0 or r == rounds):
+                row["gate_agreement"], row["gate_agreement_pretrained_bn"] = sim.gate_agreement()
+            row["samples_trained"], row["wall_seconds"] = samples, elapsed()
+            rows.append({c: row.get(c) for c in METRICS_COLUMNS})
+            tracker.log_metrics({k: v for k, v in rows[-1].items() if k != "round"}, step=r)
+            _write_atomic(metrics_path, lambda p: pd.DataFrame(rows, columns=METRICS_COLUMNS).to_csv(p, index=False))
+            checkpoint.save(ckpt_path, {
+                "round": r, "global_state": global_state, "strategy": sim.strategy.state_dict(),
+                "rng": checkpoint.rng_state(), "mlflow_run_id": tracker.run_id, "metrics": rows,
+                "samples_trained": samples, "wall_seconds": row["wall_seconds"], "config": json.dumps(cfg),
+            })
+
+        sim.model.load_state_dict(global_state)
+        client_acc = sim.client_accuracy()
+        summary = summarize(rows, cfg) | {
+            "wall_seconds": elapsed(), "samples_trained": samples,
+            "client_acc": {"mean": float(client_acc.mean()), "std": float(client_acc.std()),
+                           "min": float(client_acc.min()), "max": float(client_acc.max())},
+            "lr": lr, "lr_source": lr_source, "mlflow_run_id": tracker.run_id,
+            "tags": {k: tags[k] for k in ("dataset", "backbone", "split", "method", "seed", "lr_mode")},
+            "config": cfg,
+        }
+        tracker.log_metrics({
+            f"summary.{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        } | {f"summary.client_acc_{k}": v for k, v in summary["client_acc"].items()}, step=rounds)
+        tracker.log_artifact(metrics_path)
+        with tempfile.TemporaryDirectory() as tmp:
+            staged = Path(tmp) / "summary.json"
+            staged.write_text(json.dumps(summary, indent=2))
+            tracker.log_artifact(staged)
+            tracker.finish("FINISHED")
+            _write_atomic(summary_path, lambda p: p.write_text(staged.read_text()))
+    except KeyboardInterrupt:
+        tracker.finish("KILLED")
+        raise
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    return summary

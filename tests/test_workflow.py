@@ -1,0 +1,200 @@
+"""The Snakemake workflow: the jobs it plans, the configs it rejects, lint, and the CI grid end to end.
+
+Snakemake runs in a subprocess with the working directory in tmp_path, so files a previous
+`make demo` left under results/ never change what is planned.
+"""
+
+import io
+import itertools
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER = REPO / "config" / "config.yaml"
+OFFLINE = REPO / "config" / "offline.yaml"
+CI = REPO / ".test" / "config" / "config.yaml"
+SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def snakemake(*args: str | Path, workdir: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "snakemake", "--snakefile", REPO / "Snakefile", "--directory", workdir, *args]
+    return subprocess.run(list(map(str, command)), capture_output=True, text=True, env=env, cwd=REPO)
+
+
+def log(result: subprocess.CompletedProcess) -> str:
+    # Snakemake writes its log to stderr but some errors to stdout.
+    return result.stdout + result.stderr
+
+
+def planned(configfile: Path, workdir: Path) -> pd.DataFrame:
+    """One row per output file the workflow would write: output_file, rule, status, plan."""
+    result = snakemake("--summary", "--configfile", configfile, workdir=workdir)
+    assert result.returncode == 0, log(result)
+    return pd.read_csv(io.StringIO(result.stdout), sep="\t")
+
+
+def expected_runs(cfg: dict) -> set[str]:
+    grid = itertools.product(cfg["datasets"], cfg["backbones"], cfg["splits"], cfg["methods"], cfg["seeds"])
+    return {f"results/runs/{d}/{b}/{s}/{m}/seed{seed}/summary.json" for d, b, s, m, seed in grid}
+
+
+@pytest.mark.parametrize("configfile", [PAPER, OFFLINE, CI], ids=["paper", "offline", "ci"])
+def test_dry_run_plans_one_fl_job_per_grid_point(configfile, tmp_path):
+    cfg = yaml.safe_load(configfile.read_text())
+    plan = planned(configfile, tmp_path)
+    outputs_of = lambda rule: set(plan.loc[plan["rule"] == rule, "output_file"])  # noqa: E731
+
+    fl = outputs_of("fl")
+    assert {f for f in fl if f.startswith("results/runs/")} == expected_runs(cfg)
+    control = cfg.get("control", {})
+    assert all(f.startswith(("results/runs/", "results/control/")) for f in fl)
+    control_runs = {f for f in fl if f.startswith("results/control/")}
+    if control.get("enabled", True):
+        # Every method at the common lr, over the chosen subset of the grid.
+        subset = {key: control.get(key) or cfg[key] for key in ("datasets", "backbones", "splits", "seeds")}
+        assert len(control_runs) == len(list(itertools.product(*subset.values()))) * len(cfg["methods"])
+    else:
+        assert not control_runs
+
+    assert outputs_of("data_prepare") == {f"resources/data/{d}/meta.json" for d in cfg["datasets"]}
+    imagenet = [b for b, spec in cfg["backbones"].items() if spec.get("weights", "imagenet") == "imagenet"]
+    assert outputs_of("weights_fetch") == {f"resources/weights/{b}_imagenet.pt" for b in imagenet}
+    partitions = {f for f in outputs_of("partition") if f.endswith("partition.npz")}
+    assert partitions == {
+        f"results/partitions/{d}/{s}/seed{seed}/partition.npz"
+        for d, s, seed in itertools.product(cfg["datasets"], cfg["splits"], cfg["seeds"])
+    }
+    assert outputs_of("calibrate") == {
+        f"results/calibration/{d}/{b}/{m}.json"
+        for d, b, m in itertools.product(cfg["datasets"], cfg["backbones"], cfg["methods"])
+    }
+    experiment = cfg.get("tracking", {}).get("experiment", "fedsq")
+    assert outputs_of("tracking_init") == {f"results/tracking/{experiment}.ready"}
+    assert "results/tables/results.csv" in outputs_of("report")
+    if configfile == PAPER:
+        # 2 datasets x 2 backbones x 3 splits x 3 methods x 3 seeds, calibrated and at the equal lr.
+        assert len(fl) == 2 * 108
+
+
+def test_fl_jobs_get_their_grid_point_and_lr(tmp_path):
+    targets = [
+        "results/runs/digits/resnet18/dir0.5/fedsq/seed0/summary.json",
+        "results/control/digits/resnet18/iid/fedavg/seed0/summary.json",
+    ]
+    result = snakemake(*targets, "--dry-run", "--printshellcmds", "--configfile", CI, workdir=tmp_path)
+    assert result.returncode == 0, log(result)
+    commands = {line.split(" --out ")[1].split()[0]: line for line in log(result).splitlines() if "fedsq run" in line}
+    calibrated = commands["results/runs/digits/resnet18/dir0.5/fedsq/seed0"]
+    for setting in [
+        "method.name=fedsq",
+        "split.scheme=dirichlet",
+        "split.alpha=0.5",
+        "seed=0",
+        "optimizer.lr=calibrated",
+        "calibration=results/calibration/digits/resnet18/fedsq.json",
+        "paths.partition=results/partitions/digits/dir0.5/seed0",
+        "tags.lr_mode=calibrated",
+    ]:
+        assert f"--set {setting} " in calibrated
+    control = commands["results/control/digits/resnet18/iid/fedavg/seed0"]
+    assert "--set optimizer.lr=0.05 " in control and "--set tags.lr_mode=equal " in control
+    assert "calibration=" not in control
+
+
+def ci_config_with(edit) -> dict:
+    cfg = yaml.safe_load(CI.read_text())
+    edit(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c["run"].update(dataset="cifar100"), "instance['run']['dataset']"),
+        (lambda c: c["run"].update(optimizer={"lr": 0.1}), "instance['run']['optimizer']['lr']"),
+        (lambda c: c["calibration"].update(mode="grid"), "instance['calibration']['mode']"),
+        (lambda c: c.update(resources={"gpu": -1}), "instance['resources']['gpu']"),
+        (lambda c: c.update(seeds=[0, 0]), "instance['seeds']"),
+    ],
+    ids=["grid-key-in-run", "lr-in-run", "calibration-mode", "gpu<0", "repeated-seed"],
+)
+def test_schema_rejects_bad_config_naming_the_key(edit, message):
+    with pytest.raises(WorkflowError) as err:
+        validate(ci_config_with(edit), str(SCHEMA))
+    assert message in str(err.value.args)
+
+
+def test_schema_fills_defaults():
+    cfg = ci_config_with(lambda c: c.pop("calibration"))
+    validate(cfg, str(SCHEMA))
+    assert cfg["calibration"]["mode"] == "central"
+    assert cfg["resources"]["fl"]["mem_mb"] > 0
+    assert cfg["backbones"]["resnet18"]["weights"] == "scratch"
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c.update(methods=["fedavg", "fedbogus"]), "config key methods: ['fedbogus'] not a method"),
+        (lambda c: c.update(splits=["iid", "dirichlet"]), "config key splits: bad split label 'dirichlet'"),
+        (lambda c: c["control"].update(backbones=["alexnet"]), "config key control.backbones: ['alexnet'] not in"),
+        (lambda c: c["run"].update(bn="bogus"), "config key run: bn: 'bogus' is not one of"),
+    ],
+    ids=["unknown-method", "bad-split-label", "control-outside-grid", "bad-run-key"],
+)
+def test_bad_config_stops_the_workflow_before_any_job(tmp_path, edit, message):
+    configfile = tmp_path / "config.yaml"
+    configfile.write_text(yaml.safe_dump(ci_config_with(edit)))
+    result = snakemake("--cores", "1", "--configfile", configfile, workdir=tmp_path)
+    assert result.returncode != 0
+    assert message in log(result), log(result)
+    assert not (tmp_path / "results").exists()
+
+
+def test_lint_is_clean(tmp_path):
+    result = snakemake("--lint", "--configfile", PAPER, workdir=tmp_path)
+    assert result.returncode == 0, log(result)
+    assert "Congratulations" in log(result), log(result)
+
+
+def mlflow_run_count(workdir: Path) -> int:
+    with sqlite3.connect(workdir / "results" / "mlflow.db") as db:
+        return db.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+
+
+@pytest.mark.slow
+def test_ci_grid_end_to_end(tmp_path):
+    result = snakemake("--cores", "2", "--configfile", CI, workdir=tmp_path)
+    assert result.returncode == 0, log(result)[-3000:]
+
+    cfg = yaml.safe_load(CI.read_text())
+    plan = planned(CI, tmp_path)
+    summaries = set(plan.loc[plan["rule"] == "fl", "output_file"])
+    assert expected_runs(cfg) <= summaries
+    for summary in summaries:
+        assert (tmp_path / summary).is_file()
+        assert (tmp_path / summary).with_name("metrics.csv").is_file()
+    for table in ("results.csv", "results.md", "results.tex", "claims.csv", "claims.md"):
+        assert (tmp_path / "results" / "tables" / table).is_file()
+    assert mlflow_run_count(tmp_path) == len(summaries)
+
+    # A second invocation finds everything done: no job, no extra MLflow run.
+    again = snakemake("--cores", "2", "--configfile", CI, workdir=tmp_path)
+    assert again.returncode == 0, log(again)[-3000:]
+    assert "Nothing to be done" in log(again)
+    assert mlflow_run_count(tmp_path) == len(summaries)
+
+    html = tmp_path / "results" / "report.html"
+    report = snakemake("--configfile", CI, "--report", html, workdir=tmp_path)
+    assert report.returncode == 0, log(report)[-3000:]
+    assert html.stat().st_size > 0
