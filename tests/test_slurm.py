@@ -151,7 +151,7 @@ def assert_finished_mlflow_run(client, summary: dict, rounds: int):
 def grid(cluster, tmp_path_factory):
     """The CI grid, run once through the SLURM profile: (workdir, exit code, Snakemake's log)."""
     workdir = tmp_path_factory.mktemp("grid")
-    rc, out = snakemake([], workdir, timeout=420)
+    rc, out = snakemake([], workdir, timeout=600)
     return workdir, rc, out
 
 
@@ -204,7 +204,7 @@ def test_run_cancelled_by_slurm_resumes_from_its_checkpoint(cluster, grid, capsy
     """scancel mid-run: the profile's retry resubmits the job, which continues from the last round."""
     workdir, _, _ = grid
     run_dir = workdir / EXTRA_RUN
-    rounds = 5
+    rounds = 3
     log = workdir / "cancelled.log"
     config = ci_config_with_extra_method(workdir, run={"rounds": rounds})
     proc = start_snakemake([str(EXTRA_RUN / "summary.json")], workdir, log, config)
@@ -212,7 +212,7 @@ def test_run_cancelled_by_slurm_resumes_from_its_checkpoint(cluster, grid, capsy
     saved = wait_for(lambda: checkpoint_after_round_one(run_dir), proc, log, 300, "a checkpoint after round 1")
     before = metrics_rows(run_dir).query(f"round <= {saved['round']}")
     subprocess.run(["scancel", first_id], check=True, timeout=30)
-    out = finish(proc, log, timeout=300)
+    out = finish(proc, log, timeout=400)
 
     assert proc.returncode == 0, out[-3000:]
     assert f"SLURM-job '{first_id}' failed, SLURM status is: 'CANCELLED'" in out
