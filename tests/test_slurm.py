@@ -8,6 +8,7 @@ runs in its own process group, killed on timeout.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -79,7 +80,9 @@ def cluster(tmp_path_factory):
     assert status.returncode != 0, f"cluster still running after stop:\n{status.stdout}"
 
 
-def start_snakemake(args: list[str], workdir: Path, log: Path, config: Path = CI_CONFIG) -> subprocess.Popen:
+@contextlib.contextmanager
+def running_snakemake(args: list[str], workdir: Path, log: Path, config: Path = CI_CONFIG):
+    """Snakemake in its own process group, killed with everything it started if still running at exit."""
     # Jobs inherit this environment (sbatch --export=ALL): this interpreter and fedsq from the repo.
     env = {
         **os.environ,
@@ -88,36 +91,36 @@ def start_snakemake(args: list[str], workdir: Path, log: Path, config: Path = CI
         "OMP_NUM_THREADS": "1",
     }
     with log.open("w") as out:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             [*SNAKEMAKE, "--configfile", str(config), "--directory", str(workdir), *args],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )  # fmt: skip
-
-
-def kill(proc: subprocess.Popen) -> None:
-    """Stop Snakemake and every process it started; it may ignore SIGTERM."""
-    os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        yield proc
+    finally:
+        if proc.poll() is None:
+            # SIGTERM first, so that it cancels its SLURM jobs; it may ignore it.
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 def finish(proc: subprocess.Popen, log: Path, timeout: float) -> str:
-    """Snakemake's log once it exits; after `timeout` seconds kill it and fail with its log."""
+    """Snakemake's log once it exits; fails after `timeout` seconds."""
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        kill(proc)
         pytest.fail(f"snakemake still running after {timeout:.0f} s; log tail:\n{log.read_text()[-3000:]}")
     return log.read_text()
 
 
 def snakemake(args: list[str], workdir: Path, timeout: float, config: Path = CI_CONFIG) -> tuple[int, str]:
     log = workdir / f"snakemake-{time.monotonic_ns()}.log"
-    proc = start_snakemake(args, workdir, log, config)
-    out = finish(proc, log, timeout)
+    with running_snakemake(args, workdir, log, config) as proc:
+        out = finish(proc, log, timeout)
     return proc.returncode, out
 
 
@@ -128,7 +131,6 @@ def wait_for(predicate, proc: subprocess.Popen, log: Path, timeout: float, what:
         if proc.poll() is not None:
             pytest.fail(f"snakemake exited before {what}; log tail:\n{log.read_text()[-3000:]}")
         if time.monotonic() > deadline:
-            kill(proc)
             pytest.fail(f"no {what} after {timeout:.0f} s; log tail:\n{log.read_text()[-3000:]}")
         time.sleep(0.2)
     return value
@@ -161,8 +163,10 @@ def test_ci_grid_runs_every_job_on_slurm(cluster, grid, capsys):
     submitted = SUBMITTED.findall(out)
     # Snakemake prints "rule X:" for a job it hands to SLURM and "localrule X:" for one it runs itself.
     cluster_jobs = re.findall(r"^rule (\w+):$", out, re.M)
+    local_jobs = re.findall(r"^localrule (\w+):$", out, re.M)
     assert sorted(rule for _, _, rule in submitted) == sorted(cluster_jobs)
     assert {"calibrate", "fl"} <= set(cluster_jobs)
+    assert "data_prepare" in local_jobs  # downloads stay on the submit host, which has the internet
     states = cluster.job_states()
     for slurm_id, slurm_log, _ in submitted:
         assert Path(slurm_log).is_file(), f"no SLURM log {slurm_log}"
@@ -207,12 +211,12 @@ def test_run_cancelled_by_slurm_resumes_from_its_checkpoint(cluster, grid, capsy
     rounds = 3
     log = workdir / "cancelled.log"
     config = ci_config_with_extra_method(workdir, run={"rounds": rounds})
-    proc = start_snakemake([str(EXTRA_RUN / "summary.json")], workdir, log, config)
-    first_id = wait_for(lambda: fl_job_ids(log.read_text()) or None, proc, log, 120, "the fl job's submission")[0]
-    saved = wait_for(lambda: checkpoint_after_round_one(run_dir), proc, log, 300, "a checkpoint after round 1")
-    before = metrics_rows(run_dir).query(f"round <= {saved['round']}")
-    subprocess.run(["scancel", first_id], check=True, timeout=30)
-    out = finish(proc, log, timeout=400)
+    with running_snakemake([str(EXTRA_RUN / "summary.json")], workdir, log, config) as proc:
+        first_id = wait_for(lambda: fl_job_ids(log.read_text()) or None, proc, log, 120, "fl job submitted")[0]
+        saved = wait_for(lambda: checkpoint_after_round_one(run_dir), proc, log, 300, "checkpoint after round 1")
+        before = metrics_rows(run_dir).query(f"round <= {saved['round']}")
+        subprocess.run(["scancel", first_id], check=True, timeout=30)
+        out = finish(proc, log, timeout=400)
 
     assert proc.returncode == 0, out[-3000:]
     assert f"SLURM-job '{first_id}' failed, SLURM status is: 'CANCELLED'" in out
