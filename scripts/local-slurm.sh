@@ -49,7 +49,7 @@ write_config() {
     host=$(hostname -s)
     cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc obeys OpenMP limits
     # Leave 10% of memory to the system, as a site would, so jobs that ask too much are rejected.
-    mem_mb=$(free -m | awk '/^Mem:/ {print int($2 * 0.9)}')
+    mem_mb=$(awk '/^MemTotal:/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
     mkdir -p "$STATE/ctld" "$STATE/d" /etc/slurm
     cat >"$CONF" <<EOF
 $MARKER
