@@ -4,7 +4,10 @@ Each (backbone, form) is measured in a fresh subprocess, so that its peak reside
 (``ru_maxrss``) is its own; forms alternate over repeats so that load from other processes
 hits both alike, and the table reports medians.
 
-    PYTHONPATH=$PWD python benchmarks/bench_dualcopy.py [--repeats 5] [--steps 10]
+    PYTHONPATH=$PWD python benchmarks/bench_dualcopy.py [--repeats 5] [--steps 10] [--threads 2]
+
+On a machine shared with other jobs, two OpenMP threads spin and stall: the wall-time
+ratio then says little; ``--threads 1`` and the CPU-time column are the stable figures.
 """
 
 from __future__ import annotations
