@@ -36,11 +36,18 @@ def _parse_yaml(text: str):
 
 SCHEMA: dict = yaml.safe_load(resources.files("fedsq").joinpath("run_config.schema.yaml").read_text())
 
-# Method options whose sensible value depends on the method; null in the schema means "this".
-_METHOD_DEFAULTS = {
-    "mu": {"fedprox": 0.01},
-    "server_lr": {"fedavgm": 1.0, "fedadam": 0.01},
-}
+
+
+def _method_defaults(method: dict) -> None:
+    """Fill the method options whose sensible value depends on the method (null in the schema)."""
+    name = method["name"]
+    if method["mu"] is None:
+        method["mu"] = 0.01 if name == "fedprox" else 0.0
+    if method["server_lr"] is None and name == "fedavgm":
+        # Hsu et al.'s normalisation: steady-state step lr / (1 - momentum) = 1, as FedAvg's.
+        method["server_lr"] = 1.0 - method["server_momentum"]
+    elif method["server_lr"] is None and name == "fedadam":
+        method["server_lr"] = 0.01
 
 
 def _extend_with_defaults(validator_class):
@@ -101,10 +108,7 @@ def load(path_or_dict: str | Path | dict, overrides: Iterable[str] = ()) -> dict
     if errors:
         raise ValueError(_describe(jsonschema.exceptions.best_match(errors)))
 
-    method = cfg["method"]
-    for option, per_method in _METHOD_DEFAULTS.items():
-        if method[option] is None:
-            method[option] = per_method.get(method["name"], 0.0 if option == "mu" else None)
+    _method_defaults(cfg["method"])
     if cfg["tags"]["lr_mode"] is None:
         cfg["tags"]["lr_mode"] = "calibrated" if cfg["optimizer"]["lr"] == "calibrated" else "equal"
     _check_consistency(cfg)

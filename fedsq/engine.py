@@ -74,11 +74,11 @@ def seed_everything(seed: int) -> None:
 class Simulation:
     """The in-memory side of a run: data on the device, one model, its strategy and BN policy.
 
-    ``work_dir`` holds the per-client store (SCAFFOLD's control variates, FedBN's layers).
+    ``work_dir`` holds the per-client stores (SCAFFOLD's control variates, FedBN's layers).
     """
 
-    def __init__(self, cfg: dict, work_dir: Path, lr: float):
-        self.cfg, self.lr = cfg, lr
+    def __init__(self, cfg: dict, work_dir: Path):
+        self.cfg = cfg
         self.device = resolve_device(cfg["device"])
         precision = cfg["precision"]
         if precision == "auto":
@@ -86,7 +86,7 @@ class Simulation:
         self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
         self.memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
         if self.device.type == "cpu":
-            torch.use_deterministic_algorithms(True)
+            torch.use_deterministic_algorithms(True, warn_only=True)
         seed_everything(cfg["seed"])
 
         dataset = data.load(cfg["dataset"], Path(cfg["paths"]["data"]))
@@ -113,11 +113,12 @@ class Simulation:
         # The pretrained (initial) network whose gates drift is measured against.
         self.reference = copy.deepcopy(base).eval().requires_grad_(False)
         self.reference.to(self.device, memory_format=self.memory_format)
-        store = ClientStore(Path(work_dir) / "clients")
-        self.strategy = strategies.build(cfg["method"], store, num_clients=cfg["split"]["num_clients"])
+        client_state = Path(work_dir) / "client_state"
+        self.strategy = strategies.build(
+            cfg["method"], ClientStore(client_state / "method"), num_clients=cfg["split"]["num_clients"])
         self.model = self.strategy.wrap(base).to(self.device, memory_format=self.memory_format)
         self.strategy.bind(self.model)
-        self.bn = BatchNormPolicy(cfg["bn"], self.model, store)
+        self.bn = BatchNormPolicy(cfg["bn"], self.model, ClientStore(client_state / "batchnorm"))
         self.params = [p for _, p in strategies.trainable(self.model)]
         self.probe = self.inputs(self.splits["val"][0][: cfg["eval"]["probe_size"]])
 
@@ -166,7 +167,10 @@ class Simulation:
                 loss_sum += loss.detach().float() * len(batch)
                 steps += 1
         self.bn.client_end(model, client, round)
-        self.strategy.client_end(model, client, round, steps, lr, global_state)
+        # SGD with momentum b moves lr / (1 - b) per unit of a steady gradient: SCAFFOLD's
+        # control variates divide the client's displacement by this effective step.
+        step_size = lr / (1 - cfg["optimizer"]["momentum"])
+        self.strategy.client_end(model, client, round, steps, step_size, global_state)
         # One host sync per client; a NaN anywhere in the client's steps survives the sum.
         total = loss_sum.item()
         if not math.isfinite(total):
@@ -202,7 +206,7 @@ class Simulation:
     def evaluate(self, split: str) -> tuple[float, float]:
         """(accuracy, mean cross-entropy) on a split."""
         correct, losses = self.predict(split)
-        return correct.float().mean().item(), losses.mean().item()
+        return correct.sum().item() / len(correct), losses.double().mean().item()
 
     def client_accuracy(self) -> np.ndarray:
         """Accuracy on each client's own training samples, from one pass over the training set."""
@@ -287,7 +291,7 @@ def run(cfg: dict, out_dir: Path) -> dict:
 
     started = time.perf_counter()
     lr, lr_source = config.resolve_lr(cfg)
-    sim = Simulation(cfg, out_dir, lr)
+    sim = Simulation(cfg, out_dir)
     tags = _tags(cfg)
     tracker = tracking.Tracker(
         cfg["tracking"]["uri"], cfg["tracking"]["experiment"],

@@ -20,6 +20,7 @@ matplotlib.use("Agg")  # files only; no display on cluster nodes
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 GROUP = ["dataset", "backbone", "split", "method", "lr_mode"]
 # summary.json key -> table header; accuracies are shown in percent in Markdown and LaTeX.
@@ -66,7 +67,8 @@ def build(run_dirs: list[Path], out: Path, partitions: list[Path] = (), parity_t
     results.to_csv(tables / "results.csv", index=False)
     display = results_display(results)
     (tables / "results.md").write_text(display.to_markdown(index=False) + "\n")
-    latex = display.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis=1).to_latex(hrules=True)
+    styler = display.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis=1)
+    latex = styler.to_latex(hrules=True)
     (tables / "results.tex").write_text(latex.replace("±", r"$\pm$"))
 
     claims = claims_table(runs, parity_tolerance)
@@ -129,7 +131,8 @@ def _run_keys(summary: dict, run_dir: Path) -> dict:
 
 
 def _sort(frame: pd.DataFrame, by: list[str] = (*GROUP, "seed")) -> pd.DataFrame:
-    """Paper order: claims as listed, fedavg, fedprox, fedsq first, iid then Dirichlet by decreasing alpha, calibrated lr first."""
+    """Reading order: claims as listed; fedavg, fedprox, fedsq, then other methods;
+    iid, then Dirichlet by decreasing alpha; calibrated lr before the equal-lr control."""
 
     def key(column: pd.Series) -> pd.Series:
         if column.name == "claim":
@@ -196,15 +199,14 @@ def results_display(results: pd.DataFrame) -> pd.DataFrame:
     for metric, header in SUMMARY_METRICS.items():
         if f"{metric}_mean" in results:
             scale = 100.0 if metric in ACCURACIES else 1.0
-            shown[header] = [_mean_std(m, s, scale) for m, s in zip(results[f"{metric}_mean"], results[f"{metric}_std"])]
+            means, stds = results[f"{metric}_mean"], results[f"{metric}_std"]
+            shown[header] = [_mean_std(m, s, scale) for m, s in zip(means, stds)]
     for column in results.columns:
         if column.startswith("rounds_to_") and column.endswith("_mean"):
             metric = column.removesuffix("_mean")
             target = float(metric.removeprefix("rounds_to_"))
-            shown[f"rounds to {target:.0%} (reached)"] = [
-                f"{_mean_std(m, s)} ({r}/{n})"
-                for m, s, r, n in zip(results[column], results[f"{metric}_std"], results[f"{metric}_reached"], results["n_seeds"])
-            ]
+            stats = zip(results[column], results[f"{metric}_std"], results[f"{metric}_reached"], results["n_seeds"])
+            shown[f"rounds to {target:.0%} (reached)"] = [f"{_mean_std(m, s)} ({r}/{n})" for m, s, r, n in stats]
     return shown
 
 
@@ -271,13 +273,12 @@ def _verdict(claim: str, fedsq: pd.Series, baseline: pd.Series, tolerance: float
 def claims_display(claims: pd.DataFrame) -> pd.DataFrame:
     """Claims as readable strings: accuracies in percent, rounds as rounds, n seeds beside each."""
     shown = pd.DataFrame({"claim": claims["claim"].map(CLAIMS)})
-    shown[["dataset", "backbone", "split", "baseline", "lr"]] = claims[["dataset", "backbone", "split", "baseline", "lr_mode"]]
+    shown[["dataset", "backbone", "split", "baseline"]] = claims[["dataset", "backbone", "split", "baseline"]]
+    shown["lr"] = claims["lr_mode"]
     shown["measure"] = claims["metric"].map(_metric_label)
     for side, header in [("fedsq", "fedsq"), ("baseline", "baseline value")]:
-        shown[header] = [
-            f"{_mean_std(m, s, 100.0 if metric in ACCURACIES else 1.0)} (n={n})"
-            for m, s, n, metric in zip(claims[f"{side}_mean"], claims[f"{side}_std"], claims[f"{side}_n"], claims["metric"])
-        ]
+        stats = zip(claims[f"{side}_mean"], claims[f"{side}_std"], claims[f"{side}_n"], claims["metric"])
+        shown[header] = [f"{_mean_std(m, s, 100.0 if k in ACCURACIES else 1.0)} (n={n})" for m, s, n, k in stats]
     shown["last-3 val acc (%) fedsq / baseline"] = [
         f"{_mean_std(a, np.nan, 100)} / {_mean_std(b, np.nan, 100)}"
         for a, b in zip(claims["fedsq_last3_mean"], claims["baseline_last3_mean"])
@@ -326,10 +327,9 @@ def _seed_band(ax, curves: pd.DataFrame, column: str, color, linestyle: str, lab
 
 def plot_curves(curves: pd.DataFrame, column: str, ylabel: str):
     """One panel per backbone × split, one line per method (dashed: equal-lr control), seed band."""
-    if curves.empty or column not in curves:
-        warnings.warn(f"no {column} in any metrics.csv: plot skipped", stacklevel=2)
-        return None
-    curves = curves.dropna(subset=[column])
+    curves = _measured(curves, column)
+    if curves.empty:
+        return _no_data_figure(f"no {column} in any metrics.csv")
     fig, axes, rows, splits = _panels(curves)
     colors = _method_colors(curves["method"])
     for (dataset, backbone, split, method, lr_mode), group in curves.groupby(GROUP):
@@ -346,12 +346,11 @@ def plot_gate_agreement(curves: pd.DataFrame):
     Shown for the calibrated runs only (the equal-lr controls would double the lines).
     """
     own, pretrained = "gate_agreement", "gate_agreement_pretrained_bn"
-    if curves.empty or own not in curves:
-        warnings.warn("no gate_agreement in any metrics.csv: plot skipped", stacklevel=2)
-        return None
+    curves = _measured(curves, own)
+    if curves.empty:
+        return _no_data_figure("no gate agreement in any metrics.csv (eval.drift_every: 0?)")
     modes = curves["lr_mode"].unique()
     curves = curves[curves["lr_mode"] == ("calibrated" if "calibrated" in modes else modes[0])]
-    curves = curves.dropna(subset=[own])
     fig, axes, rows, splits = _panels(curves)
     colors = _method_colors(curves["method"])
     for (dataset, backbone, split, method), group in curves.groupby(["dataset", "backbone", "split", "method"]):
@@ -359,7 +358,8 @@ def plot_gate_agreement(curves: pd.DataFrame):
         _seed_band(ax, group, own, colors[method], "-", f"{method}, own BN stats")
         if pretrained in group:
             _seed_band(ax, group, pretrained, colors[method], "--", f"{method}, pretrained BN stats")
-    _finish(fig, axes, "round", "gate agreement", "agreement of gates with the pretrained model (mean over seeds, band = min–max)")
+    title = "agreement of gates with the pretrained model (mean over seeds, band = min–max)"
+    _finish(fig, axes, "round", "gate agreement", title)
     return fig
 
 
@@ -398,6 +398,7 @@ def _finish(fig, axes, xlabel: str, ylabel: str, title: str) -> None:
         ax.set_ylabel(ylabel)
     for ax in axes.flat:
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     _legend(fig, axes)
     fig.suptitle(title, fontsize=11)
 
@@ -410,9 +411,20 @@ def _legend(fig, axes) -> None:
     fig.legend(entries.values(), entries.keys(), loc="outside lower center", ncol=min(len(entries), 3), fontsize=9)
 
 
+def _measured(curves: pd.DataFrame, column: str) -> pd.DataFrame:
+    """The rows where ``column`` was measured (it may be evaluated every k rounds only, or never)."""
+    return curves.dropna(subset=[column]) if column in curves else curves.iloc[0:0]
+
+
+def _no_data_figure(message: str):
+    """A picture that says what is missing: the pipeline declares every plot as an output."""
+    warnings.warn(f"{message}: plot left empty", stacklevel=3)
+    fig = plt.figure(figsize=(6, 1.5))
+    fig.text(0.5, 0.5, message, ha="center", va="center")
+    return fig
+
+
 def _save(fig, path: Path) -> None:
-    if fig is None:
-        return
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -439,7 +451,9 @@ def collect_partitions(partition_dirs: list[Path], out: Path) -> None:
             warnings.warn(f"{folder}: no class_counts.csv", stacklevel=2)
     if not counts:
         return
-    fig, axes = plt.subplots(1, len(counts), figsize=(3.6 * len(counts) + 1.2, 3.6), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        1, len(counts), figsize=(3.6 * len(counts) + 1.2, 3.6), squeeze=False, layout="constrained"
+    )
     for ax, (name, table) in zip(axes[0], counts.items()):
         shares = table.div(table.sum(axis=1), axis=0)
         image = ax.imshow(shares.to_numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")

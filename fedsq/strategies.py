@@ -7,7 +7,8 @@ and calls these hooks, in this order, around the local training of each sampled 
 - ``bind(model)``: allocate server state shaped like the trainable parameters; once per run.
 - ``client_begin(model, client, round, global_state)``: the model holds the global state.
 - ``client_grad(params)``: after backward, before the optimizer step (proximal term, SCAFFOLD).
-- ``client_end(model, client, round, steps, lr, global_state)``: after local training.
+- ``client_end(model, client, round, steps, step_size, global_state)``: after local training;
+  ``step_size`` is the local optimizer's effective step (lr / (1 - momentum)).
 - ``server_update(global_state, average)``: the new global state from the sample-weighted
   average of the clients' states (``WeightedAverage``).
 
@@ -197,7 +198,8 @@ class FedAvg:
             for p, anchor in zip(params, self._anchor):
                 p.grad.add_(p.detach() - anchor, alpha=self.mu)
 
-    def client_end(self, model: nn.Module, client: int, round: int, steps: int, lr: float, global_state: dict) -> None:
+    def client_end(self, model: nn.Module, client: int, round: int, steps: int, step_size: float,
+                   global_state: dict) -> None:
         pass
 
     def server_update(self, global_state: dict, average: dict) -> dict:
@@ -235,10 +237,10 @@ class FedSQ(FedAvg):
 class Scaffold(FedAvg):
     """Karimireddy et al. 2020, option II control variates.
 
-    Local gradients are corrected by (c - c_i); after K local steps at lr η the client's
-    variate becomes c_i⁺ = c_i - c + (x - y_i)/(Kη) (exact for plain SGD; with momentum an
-    approximation, as in most implementations), and the server moves c by the sum of the
-    clients' changes over the number of all clients. c_i lives in the ClientStore.
+    Local gradients are corrected by (c - c_i); after K local steps of effective size η the
+    client's variate becomes c_i⁺ = c_i - c + (x - y_i)/(Kη) (exact for plain SGD; with
+    momentum β, η = lr/(1-β) is the steady-state step), and the server moves c by the sum of
+    the clients' changes over the number of all clients. c_i lives in the ClientStore.
     """
 
     name = "scaffold"
@@ -265,10 +267,11 @@ class Scaffold(FedAvg):
         for p, correction in zip(params, self._correction):
             p.grad.add_(correction)
 
-    def client_end(self, model: nn.Module, client: int, round: int, steps: int, lr: float, global_state: dict) -> None:
+    def client_end(self, model: nn.Module, client: int, round: int, steps: int, step_size: float,
+                   global_state: dict) -> None:
         new_c_i = {}
         for name, p in trainable(model):
-            new_c_i[name] = self._c_i[name] - self.c[name] + (global_state[name] - p.detach()) / (steps * lr)
+            new_c_i[name] = self._c_i[name] - self.c[name] + (global_state[name] - p.detach()) / (steps * step_size)
             self._delta[name] += new_c_i[name] - self._c_i[name]
         self.store.put(client, round, new_c_i)
 

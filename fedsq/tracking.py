@@ -130,7 +130,8 @@ class Tracker:
         if run_id is None:
             experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
             version = code_version()
-            all_tags = {**{k: str(v) for k, v in (tags or {}).items()}, "code_version": version}
+            # A None tag is an unset value, not the string "None".
+            all_tags = {k: str(v) for k, v in (tags or {}).items() if v is not None} | {"code_version": version}
             if "+" in version:
                 # The UI shows this standard tag as the run's source commit.
                 all_tags["mlflow.source.git.commit"] = version.split("+", 1)[1].removesuffix("-dirty")

@@ -32,7 +32,9 @@ def test_method_specific_defaults_are_resolved():
     assert config.load({"method": {"name": "fedprox"}})["method"]["mu"] == 0.01
     assert config.load({"method": {"name": "fedsq"}})["method"]["mu"] == 0.0
     assert config.load({"method": {"name": "fedadam"}})["method"]["server_lr"] == 0.01
-    assert config.load({"method": {"name": "fedavgm", "server_lr": 0.5}})["method"]["server_lr"] == 0.5
+    assert config.load({"method": {"name": "fedavgm"}})["method"]["server_lr"] == 0.5  # 1 - server_momentum
+    assert config.load({"method": {"name": "fedavgm", "server_momentum": 0.9}})["method"]["server_lr"] == pytest.approx(0.1)
+    assert config.load({"method": {"name": "fedavgm", "server_lr": 2.0}})["method"]["server_lr"] == 2.0
 
 
 def test_loads_yaml_file_with_overrides(tmp_path):

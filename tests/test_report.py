@@ -10,7 +10,7 @@ import pytest
 from fedsq import report
 
 
-def make_run(root, method, split, seed, best, *, backbone="resnet18", lr_mode="calibrated", rounds_to=None, rounds=5, **summary):
+def make_run(root, method, split, seed, best, *, backbone="resnet18", lr_mode="calibrated", rounds_to=None, rounds=5):
     """A run folder as the engine writes it: summary.json and metrics.csv whose val_acc peaks at `best`."""
     folder = root / ("runs" if lr_mode == "calibrated" else "control") / backbone / split / method / f"seed{seed}"
     folder.mkdir(parents=True)
@@ -33,16 +33,18 @@ def make_run(root, method, split, seed, best, *, backbone="resnet18", lr_mode="c
         "last3_val_acc": float(val[-3:].mean()),
         "rounds_to_target": rounds_to if rounds_to is not None else {"0.6": 2, "0.7": None},
         "rounds": rounds,
-        "tags": {"dataset": "digits", "backbone": backbone, "split": split, "method": method, "seed": str(seed), "lr_mode": lr_mode},
+        "tags": dict(dataset="digits", backbone=backbone, split=split, method=method, seed=str(seed), lr_mode=lr_mode),
         "config": {"dataset": "digits", "backbone": backbone, "method": {"name": method}, "seed": seed},
-    } | summary
+    }
     (folder / "summary.json").write_text(json.dumps(content))
     return folder
 
 
 def test_results_table_equals_hand_computed_statistics(tmp_path):
     bests = [0.80, 0.84, 0.90]
-    runs = [make_run(tmp_path, "fedsq", "iid", s, b, rounds_to={"0.6": r, "0.7": None}) for s, (b, r) in enumerate(zip(bests, [2, 3, None]))]
+    reached = [2, 3, None]
+    seeds = zip(range(3), bests, reached)
+    runs = [make_run(tmp_path, "fedsq", "iid", s, b, rounds_to={"0.6": r, "0.7": None}) for s, b, r in seeds]
     runs.append(make_run(tmp_path, "fedavg", "iid", 0, 0.75))
     report.build(runs, tmp_path / "out")
 
@@ -121,10 +123,12 @@ def test_claims_show_equal_lr_control_beside_calibrated(tmp_path):
 
 
 def test_build_writes_every_table_and_plot(tmp_path):
-    runs = [make_run(tmp_path, m, sp, s, 0.7 + 0.05 * s) for m in ("fedavg", "fedsq") for sp in ("iid", "dir0.1") for s in range(2)]
+    grid = [(m, sp, s) for m in ("fedavg", "fedsq") for sp in ("iid", "dir0.1") for s in range(2)]
+    runs = [make_run(tmp_path, m, sp, s, 0.7 + 0.05 * s) for m, sp, s in grid]
     partition = tmp_path / "partitions" / "digits" / "dir0.1" / "seed0"
     partition.mkdir(parents=True)
-    pd.DataFrame([[5, 0], [1, 4]], index=pd.RangeIndex(2, name="client"), columns=["0", "1"]).to_csv(partition / "class_counts.csv")
+    counts = pd.DataFrame([[5, 0], [1, 4]], index=pd.RangeIndex(2, name="client"), columns=["0", "1"])
+    counts.to_csv(partition / "class_counts.csv")
     (partition / "heatmap.png").write_bytes(b"\x89PNG fake")
     out = report.build(runs, tmp_path / "out", partitions=[partition])
     for name in ["results.csv", "results.md", "results.tex", "claims.csv", "claims.md"]:
@@ -147,8 +151,15 @@ def test_runs_missing_keys_and_curves_still_produce_tables(tmp_path):
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
 
-    with pytest.warns(UserWarning, match="no summary.json"):
+    gateless = pd.read_csv(full / "metrics.csv").assign(gate_agreement=np.nan)  # eval.drift_every: 0
+    gateless.to_csv(full / "metrics.csv", index=False)
+
+    with pytest.warns(UserWarning) as caught:
         report.build([full, sparse, unfinished], tmp_path / "out")
+    messages = " ".join(str(w.message) for w in caught)
+    assert "unfinished: no summary.json" in messages and "no gate agreement" in messages
+    # The pipeline declares every plot as an output: one without data still exists and says so.
+    assert (tmp_path / "out" / "plots" / "gate_agreement_vs_round.png").read_bytes()[:4] == b"\x89PNG"
     table = pd.read_csv(tmp_path / "out" / "tables" / "results.csv").set_index("method")
     assert table.loc["fedsq", "best_val_acc_mean"] == 0.85
     assert table.loc["fedsq", "lr_mode"] == "calibrated"

@@ -8,9 +8,15 @@ from mlflow.tracking import MlflowClient
 from fedsq import tracking
 
 
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One store for the module (its schema migration takes seconds); tests use their own experiments."""
+    return tmp_path_factory.mktemp("store")
+
+
 @pytest.fixture
-def uri(tmp_path):
-    return f"sqlite:///{tmp_path}/store/mlflow.db"
+def uri(store):
+    return f"sqlite:///{store}/mlflow.db"
 
 
 def _start_run_at_barrier(uri, barrier, seed, results):
@@ -24,7 +30,8 @@ def _start_run_at_barrier(uri, barrier, seed, results):
         results.put(("error", repr(err)))
 
 
-def test_parallel_runs_on_fresh_sqlite_store_all_succeed(uri):
+def test_parallel_runs_on_fresh_sqlite_store_all_succeed(tmp_path):
+    uri = f"sqlite:///{tmp_path}/fresh/mlflow.db"
     # Fork: workers start in milliseconds, so they really hit the fresh store together.
     ctx = multiprocessing.get_context("fork")
     jobs = 5
@@ -52,12 +59,12 @@ def test_init_store_is_idempotent(uri):
 
 
 def test_resume_logs_into_same_run_without_duplicate_steps(uri):
-    first = tracking.Tracker(uri, tags={"method": "fedsq"})
+    first = tracking.Tracker(uri, experiment="resume", tags={"method": "fedsq", "lr_mode": None})
     first.log_params({"optimizer.lr": 0.01, "rounds": 3})
     first.log_metrics({"val_acc": 0.5, "val_loss": 1.5}, step=1)
     first.log_metrics({"val_acc": 0.6}, step=2)  # killed before val_loss of round 2
 
-    resumed = tracking.Tracker(uri, run_id=first.run_id)
+    resumed = tracking.Tracker(uri, experiment="resume", run_id=first.run_id)
     assert resumed.client.get_run(first.run_id).info.status == "RUNNING"
     resumed.log_params({"optimizer.lr": 0.01, "rounds": 3})  # same config again: accepted
     resumed.log_metrics({"val_acc": 0.99, "val_loss": 1.2}, step=2)  # round 2 replayed
@@ -65,12 +72,15 @@ def test_resume_logs_into_same_run_without_duplicate_steps(uri):
     resumed.finish()
 
     client = MlflowClient(uri)
-    history = {k: [(m.step, m.value) for m in client.get_metric_history(first.run_id, k)] for k in ("val_acc", "val_loss")}
-    assert history["val_acc"] == [(1, 0.5), (2, 0.6), (3, 0.7)]
-    assert sorted(history["val_loss"]) == [(1, 1.5), (2, 1.2), (3, 1.0)]
+
+    def history(key):
+        return sorted((m.step, m.value) for m in client.get_metric_history(first.run_id, key))
+
+    assert history("val_acc") == [(1, 0.5), (2, 0.6), (3, 0.7)]
+    assert history("val_loss") == [(1, 1.5), (2, 1.2), (3, 1.0)]
     run = client.get_run(first.run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.tags["method"] == "fedsq"
+    assert run.data.tags["method"] == "fedsq" and "lr_mode" not in run.data.tags
     assert run.data.tags["code_version"].startswith(tracking.fedsq.__version__)
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
@@ -107,12 +117,12 @@ def test_context_manager_marks_failed_run(uri):
         tracker.finish("DONE")
 
 
-def test_artifacts_land_beside_the_sqlite_store(uri, tmp_path):
+def test_artifacts_land_beside_the_sqlite_store(uri, store, tmp_path):
     (tmp_path / "summary.json").write_text("{}")
-    tracker = tracking.Tracker(uri)
+    tracker = tracking.Tracker(uri, experiment="artifacts")
     tracker.log_artifact(tmp_path / "summary.json")
     assert [a.path for a in tracker.client.list_artifacts(tracker.run_id)] == ["summary.json"]
-    assert list((tmp_path / "store" / "mlflow-artifacts").rglob("summary.json"))
+    assert list((store / "mlflow-artifacts").rglob(f"{tracker.run_id}/artifacts/summary.json"))
 
 
 def test_uri_precedence(monkeypatch, tmp_path):

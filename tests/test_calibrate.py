@@ -1,0 +1,53 @@
+import json
+
+import pytest
+
+from fedsq import calibrate, config, data, engine
+
+
+@pytest.fixture(scope="module")
+def digits_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    data.prepare("digits", root)
+    return root
+
+
+def make_cfg(digits_root, tmp_path, **extra):
+    return config.load({
+        "dataset": "digits", "backbone": "resnet18", "weights": "scratch", "image_size": 32,
+        "split": {"scheme": "iid", "num_clients": 10}, "clients_per_round": 1, "rounds": 1,
+        "device": "cpu", "eval": {"drift_every": 0}, "paths": {"data": str(digits_root)},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    } | extra)
+
+
+def test_central_calibration_skips_a_diverging_lr_and_a_run_uses_its_pick(digits_root, tmp_path):
+    out = tmp_path / "calibration" / "fedavg.json"
+    result = calibrate.calibrate(make_cfg(digits_root, tmp_path), out, lrs=[1e9, 0.05], mode="central", epochs=1)
+    assert result["lr"] == 0.05 and result["mode"] == "central" and result["method"] == "fedavg"
+    assert result["scores"]["1000000000.0"] is None and result["scores"]["0.05"] > 0.3  # 1 epoch of pooled digits
+    assert result["model_form"] == "ResNet" and result["budget"] == {"epochs": 1}
+    assert json.loads(out.read_text()) == result
+
+    cfg = make_cfg(digits_root, tmp_path, optimizer={"lr": "calibrated"}, calibration=str(out), rounds=0)
+    summary = engine.run(cfg, tmp_path / "run")
+    assert summary["lr"] == 0.05 and summary["lr_source"].startswith("calibrated (central")
+    assert summary["tags"]["lr_mode"] == "calibrated"
+
+
+def test_federated_calibration_runs_the_method_in_its_own_model_form(digits_root, tmp_path):
+    cfg = make_cfg(digits_root, tmp_path, method={"name": "fedsq"})
+    result = calibrate.calibrate(cfg, tmp_path / "fedsq.json", lrs=[0.01, 0.1], mode="federated", rounds=1)
+    assert result["mode"] == "federated" and result["budget"] == {"rounds": 1}
+    assert result["model_form"] == "DualCopy"
+    assert set(result["scores"]) == {"0.01", "0.1"} and result["lr"] in (0.01, 0.1)
+    assert result["scores"][str(result["lr"])] == max(result["scores"].values())
+
+
+def test_bad_mode_and_all_diverging_are_errors(digits_root, tmp_path):
+    cfg = make_cfg(digits_root, tmp_path)
+    with pytest.raises(ValueError, match="calibration mode 'grid': allowed are central, federated"):
+        calibrate.calibrate(cfg, tmp_path / "x.json", mode="grid")
+    with pytest.raises(ValueError, match="every candidate diverged"):
+        calibrate.calibrate(cfg, tmp_path / "x.json", lrs=[1e9], epochs=1)
+    assert not (tmp_path / "x.json").exists()

@@ -1,0 +1,144 @@
+"""Exact resume: a run interrupted after a checkpoint and started again ends as if never stopped."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from fedsq import checkpoint, config, data, engine
+from fedsq.strategies import ClientStore
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def digits_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    data.prepare("digits", root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory):
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+def raw_cfg(digits_root, mlflow_uri, **extra):
+    # scaffold + local BatchNorm: resume must also restore server state and on-disk client state
+    return {
+        "dataset": "digits", "backbone": "resnet18", "weights": "scratch", "image_size": 32,
+        "split": {"scheme": "dirichlet", "num_clients": 10}, "clients_per_round": 2, "rounds": 2,
+        "method": {"name": "scaffold"}, "bn": "local", "optimizer": {"lr": 0.05}, "device": "cpu",
+        "eval": {"drift_every": 0}, "paths": {"data": str(digits_root)}, "tracking": {"uri": mlflow_uri},
+    } | extra
+
+
+def assert_same_results(out_a: Path, out_b: Path):
+    a, b = (pd.read_csv(out / "metrics.csv").drop(columns="wall_seconds") for out in (out_a, out_b))
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
+    sa, sb = (json.loads((out / "summary.json").read_text()) for out in (out_a, out_b))
+    for s in (sa, sb):
+        del s["wall_seconds"], s["mlflow_run_id"]
+    assert sa == sb
+
+
+def assert_one_value_per_round(mlflow_uri, run_id, rounds):
+    client = MlflowClient(mlflow_uri)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    for key in ("val_acc", "test_acc", "lr"):
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert sorted(steps) == list(range(0 if key != "lr" else 1, rounds + 1)), key
+
+
+def test_interrupted_run_resumes_into_the_same_mlflow_run_with_identical_results(
+    digits_root, mlflow_uri, tmp_path, monkeypatch
+):
+    cfg = config.load(raw_cfg(digits_root, mlflow_uri))
+    engine.run(cfg, tmp_path / "straight")
+
+    train_round = engine.Simulation.train_round
+
+    def interrupted(self, round, *args):
+        if round == 2:
+            raise KeyboardInterrupt
+        return train_round(self, round, *args)
+
+    monkeypatch.setattr(engine.Simulation, "train_round", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run(cfg, tmp_path / "resumed")
+    saved = checkpoint.load(tmp_path / "resumed" / "checkpoint.pt")
+    assert saved["round"] == 1 and not (tmp_path / "resumed" / "summary.json").exists()
+    assert MlflowClient(mlflow_uri).get_run(saved["mlflow_run_id"]).info.status == "KILLED"
+
+    monkeypatch.setattr(engine.Simulation, "train_round", train_round)
+    summary = engine.run(cfg, tmp_path / "resumed")
+    assert summary["mlflow_run_id"] == saved["mlflow_run_id"]
+    assert_one_value_per_round(mlflow_uri, summary["mlflow_run_id"], rounds=2)
+    assert_same_results(tmp_path / "straight", tmp_path / "resumed")
+
+    # the two kinds of per-client state are kept apart on disk
+    stores = tmp_path / "resumed" / "client_state"
+    client = int(next((stores / "batchnorm").glob("client*")).name.removeprefix("client"))
+    bn_state = ClientStore(stores / "batchnorm").get(client, before_round=99)
+    variates = ClientStore(stores / "method").get(client, before_round=99)
+    assert "bn1.running_var" in bn_state and "fc.weight" not in bn_state
+    assert "fc.weight" in variates and "bn1.running_var" not in variates
+
+
+def test_resume_refuses_a_changed_config(digits_root, mlflow_uri, tmp_path):
+    cfg = config.load(raw_cfg(digits_root, mlflow_uri, rounds=0))
+    checkpoint.save(tmp_path / "checkpoint.pt", {"config": json.dumps(cfg | {"seed": 7})})
+    with pytest.raises(ValueError, match=r"checkpoint.pt belongs to a run with another config \(differs in: seed\)"):
+        engine.run(cfg, tmp_path)
+
+
+def fedsq_run(config_path: Path, out: Path) -> subprocess.Popen:
+    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedsq", "run", "--config", str(config_path), "--out", str(out)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def wait_for_checkpoint(out: Path, round: int, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"run ended before round {round} was checkpointed: {process.stderr.read()}"
+        saved = checkpoint.load(out / "checkpoint.pt")
+        if saved is not None and saved["round"] >= round:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"no checkpoint of round {round} in {out}")
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_equals_an_uninterrupted_run(digits_root, mlflow_uri, tmp_path):
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(yaml.safe_dump(raw_cfg(digits_root, mlflow_uri, rounds=3)))
+
+    killed = fedsq_run(config_path, tmp_path / "killed")
+    wait_for_checkpoint(tmp_path / "killed", 1, killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "killed" / "summary.json").exists()
+    run_id = checkpoint.load(tmp_path / "killed" / "checkpoint.pt")["mlflow_run_id"]
+
+    for out in ("killed", "straight"):  # the rerun, and a run never interrupted, in like processes
+        process = fedsq_run(config_path, tmp_path / out)
+        assert process.wait() == 0, process.stderr.read()
+    assert json.loads((tmp_path / "killed" / "summary.json").read_text())["mlflow_run_id"] == run_id
+    assert_one_value_per_round(mlflow_uri, run_id, rounds=3)
+    assert_same_results(tmp_path / "straight", tmp_path / "killed")
+    assert torch.equal(
+        checkpoint.load(tmp_path / "straight" / "checkpoint.pt")["global_state"]["fc.weight"],
+        checkpoint.load(tmp_path / "killed" / "checkpoint.pt")["global_state"]["fc.weight"],
+    )
