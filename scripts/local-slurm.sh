@@ -5,13 +5,14 @@
 #   scripts/local-slurm.sh status   daemons and node state
 #   scripts/local-slurm.sh stop     cancel its jobs, stop the daemons this script started
 #
-# Needs root (it installs packages and runs the daemons) and no systemd or cgroups:
-# processes are tracked by /proc (proctrack/linuxproc), tasks are not confined (task/none).
+# Needs root (it installs packages and runs the daemons) and no systemd or cgroups: a job's
+# processes are tracked by process group (proctrack/pgid; with proctrack/linuxproc a cancelled
+# job's Snakemake escaped once its parent shell died), tasks are not confined (task/none).
 # No accounting daemon: job states come from slurmctld (`squeue`), which keeps finished jobs
 # for MinJobAge seconds, and every finished job is also appended to a job-completion log
 # ($LOCAL_SLURM_DIR/jobcomp.log), the record tests use to prove a job ran under SLURM.
 # State (spool, logs, pid files) lives in $LOCAL_SLURM_DIR (default /tmp/local-slurm);
-# `stop` kills only the daemons whose pid files are there and deletes nothing.
+# `stop` kills only the daemons whose pid files are there and deletes nothing but those files.
 set -euo pipefail
 
 STATE=${LOCAL_SLURM_DIR:-/tmp/local-slurm}
@@ -49,7 +50,7 @@ write_config() {
     host=$(hostname -s)
     cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc obeys OpenMP limits
     # Leave 10% of memory to the system, as a site would, so jobs that ask too much are rejected.
-    mem_mb=$(free -m | awk '/^Mem:/ {print int($2 * 0.9)}')
+    mem_mb=$(awk '/^MemTotal:/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
     mkdir -p "$STATE/ctld" "$STATE/d" /etc/slurm
     cat >"$CONF" <<EOF
 $MARKER

@@ -89,7 +89,7 @@ def test_dry_run_plans_one_fl_job_per_grid_point(configfile, tmp_path):
 def test_fl_jobs_get_their_grid_point_and_lr(tmp_path):
     targets = [
         "results/runs/digits/resnet18/dir0.5/fedsq/seed0/summary.json",
-        "results/control/digits/resnet18/iid/fedavg/seed0/summary.json",
+        "results/control/digits/resnet18/dir0.5/fedavg/seed0/summary.json",
     ]
     result = snakemake(*targets, "--dry-run", "--printshellcmds", "--configfile", CI, workdir=tmp_path)
     assert result.returncode == 0, log(result)
@@ -106,7 +106,7 @@ def test_fl_jobs_get_their_grid_point_and_lr(tmp_path):
         "tags.lr_mode=calibrated",
     ]:
         assert f"--set {setting} " in calibrated
-    control = commands["results/control/digits/resnet18/iid/fedavg/seed0"]
+    control = commands["results/control/digits/resnet18/dir0.5/fedavg/seed0"]
     assert "--set optimizer.lr=0.05 " in control and "--set tags.lr_mode=equal " in control
     assert "calibration=" not in control
 

@@ -17,6 +17,7 @@ rule report:
             "results/plots/gate_agreement_vs_round.png", caption="../report/gate_agreement.rst", category="Plots"
         ),
         best_acc=report("results/plots/best_acc_bars.png", caption="../report/best_acc.rst", category="Plots"),
+        partitions=report("results/plots/partitions.png", caption="../report/partitions.rst", category="Partitions"),
     params:
         runs=lambda wildcards, input: sorted({str(Path(p).parent) for p in input.summaries}),
         partitions=lambda wildcards, input: sorted({str(Path(p).parent) for p in input.class_counts}),
