@@ -37,8 +37,19 @@ METRICS_COLUMNS = [
 ]
 
 
+# Steps between host syncs that look for a NaN/inf loss (a NaN survives in the running sum).
+DIVERGENCE_CHECK_EVERY = 8
+
+
 class Diverged(ValueError):
     """A client's training loss became NaN or infinite."""
+
+
+def _check_finite(loss_sum: torch.Tensor, round: int, client: int) -> float:
+    total = loss_sum.item()
+    if not math.isfinite(total):
+        raise Diverged(f"round {round}, client {client}: training loss is {total} (diverged); try a smaller optimizer.lr")
+    return total
 
 
 def resolve_device(name: str) -> torch.device:
@@ -166,16 +177,14 @@ class Simulation:
                 opt.step()
                 loss_sum += loss.detach().float() * len(batch)
                 steps += 1
+                if steps % DIVERGENCE_CHECK_EVERY == 0:
+                    _check_finite(loss_sum, round, client)
         self.bn.client_end(model, client, round)
         # SGD with momentum b moves lr / (1 - b) per unit of a steady gradient: SCAFFOLD's
         # control variates divide the client's displacement by this effective step.
         step_size = lr / (1 - cfg["optimizer"]["momentum"])
         self.strategy.client_end(model, client, round, steps, step_size, global_state)
-        # One host sync per client; a NaN anywhere in the client's steps survives the sum.
-        total = loss_sum.item()
-        if not math.isfinite(total):
-            raise Diverged(f"round {round}, client {client}: training loss is {total} (diverged); try a smaller optimizer.lr")
-        return total, len(indices) * epochs
+        return _check_finite(loss_sum, round, client), len(indices) * epochs
 
     def train_round(self, round: int, lr: float, global_state: dict) -> tuple[dict, float, int]:
         """One round over the sampled clients; returns (new global state, mean train loss, samples)."""

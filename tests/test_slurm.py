@@ -1,9 +1,10 @@
 """The SLURM profile on a real single-node SLURM cluster (scripts/local-slurm.sh).
 
-The CI grid (.test/config) runs end to end through `profiles/slurm`, with the account and
-partition of the local cluster layered on top by `profiles/slurm-test`. Every Snakemake call is
-bounded: when status queries fail, Snakemake waits forever (and ignores SIGTERM), so each call
-runs in its own process group, killed on timeout.
+The CI grid (.test/config) runs once end to end through `profiles/slurm`, with the account and
+partition of the local cluster layered on top by `profiles/slurm-test`; one of its FL jobs is
+cancelled with scancel after its first round and must resume from its checkpoint. Every Snakemake
+call is bounded: when status queries fail, Snakemake waits forever (and ignores SIGTERM), so each
+call runs in its own process group, killed on timeout.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -37,20 +39,11 @@ SNAKEMAKE = [
 # The plugin's line for each submission, e.g.
 # "Job 7 has been submitted with SLURM jobid 12 (log: /w/.snakemake/slurm_logs/rule_fl/.../12.log)."
 SUBMITTED = re.compile(r"has been submitted with SLURM jobid (\d+) \(log: (.+/rule_(\w+)/.+?)\)\.$", re.M)
-# A method outside the CI grid, for the tests that need fresh jobs next to the grid's results.
-EXTRA_METHOD = "fedprox"
-EXTRA_RUN = Path(f"results/control/digits/resnet18/iid/{EXTRA_METHOD}/seed0")
-
-
-def ci_config_with_extra_method(workdir: Path, **changes) -> Path:
-    """The CI config plus EXTRA_METHOD, with top-level `changes`, written into workdir."""
-    cfg = yaml.safe_load(CI_CONFIG.read_text())
-    cfg["methods"].append(EXTRA_METHOD)
-    for key, value in changes.items():
-        cfg[key] = cfg[key] | value
-    path = workdir / f"config-{time.monotonic_ns()}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+# A run of the CI grid that the grid fixture cancels with scancel mid-run, as a preemption would,
+# and the folder where the plugin puts its SLURM logs (rule_<rule>/<wildcards joined by _>/).
+CANCELLED_RUN = Path("results/control/digits/resnet18/iid/fedavg/seed0")
+CANCELLED_LOGS = "/rule_fl/control_digits_resnet18_iid_fedavg_0/"
+CALIBRATION = Path("results/calibration/digits/resnet18/fedavg.json")
 
 
 class Cluster:
@@ -150,46 +143,6 @@ def assert_finished_mlflow_run(client, summary: dict, rounds: int):
     assert sorted(steps) == list(range(rounds + 1)), f"val_acc steps {steps}"
 
 
-@pytest.fixture(scope="module")
-def grid(cluster, tmp_path_factory):
-    """The CI grid, run once through the SLURM profile: (workdir, exit code, Snakemake's log)."""
-    workdir = tmp_path_factory.mktemp("grid")
-    rc, out = snakemake([], workdir, timeout=1200)
-    return workdir, rc, out
-
-
-def test_ci_grid_runs_every_job_on_slurm(cluster, grid, capsys):
-    workdir, rc, out = grid
-    assert rc == 0, out[-3000:]
-    submitted = SUBMITTED.findall(out)
-    # Snakemake prints "rule X:" for a job it hands to SLURM and "localrule X:" for one it runs itself.
-    cluster_jobs = re.findall(r"^rule (\w+):$", out, re.M)
-    local_jobs = re.findall(r"^localrule (\w+):$", out, re.M)
-    assert sorted(rule for _, _, rule in submitted) == sorted(cluster_jobs)
-    assert {"calibrate", "fl"} <= set(cluster_jobs)
-    assert "data_prepare" in local_jobs  # downloads stay on the submit host, which has the internet
-    states = cluster.job_states()
-    for slurm_id, slurm_log, _ in submitted:
-        assert Path(slurm_log).is_file(), f"no SLURM log {slurm_log}"
-        assert states.get(slurm_id) == "COMPLETED", f"SLURM job {slurm_id}: {states.get(slurm_id)}"
-
-    # Every output is there and up to date, the report included.
-    rc, again = snakemake(["--dry-run"], workdir, timeout=120)
-    assert rc == 0 and "Nothing to be done" in again, again[-3000:]
-    runs = sorted(workdir.glob("results/*/*/*/*/*/seed*/summary.json"))
-    assert len(runs) == cluster_jobs.count("fl")
-    client = mlflow_client(workdir)
-    for path in runs:
-        summary = json.loads(path.read_text())
-        assert_finished_mlflow_run(client, summary, summary["rounds"])
-    with capsys.disabled():  # the figures for the CI log
-        print(
-            f"\nSLURM: cluster up in {cluster.start_seconds:.1f} s; CI grid: {len(submitted)} jobs submitted "
-            f"({', '.join(f'{rule}={i}' for i, _, rule in submitted)}), all COMPLETED with a SLURM log; "
-            f"{len(runs)} run summaries, each with a FINISHED MLflow run"
-        )
-
-
 def metrics_rows(run_dir: Path) -> pd.DataFrame | None:
     try:
         return pd.read_csv(run_dir / "metrics.csv")  # rewritten atomically after every round
@@ -205,51 +158,99 @@ def checkpoint_after_round_one(run_dir: Path) -> dict | None:
     return saved if saved["round"] >= 1 else None
 
 
-def test_run_cancelled_by_slurm_resumes_from_its_checkpoint(cluster, grid, capsys):
-    """scancel mid-run: the profile's retry resubmits the job, which continues from the last round."""
-    workdir, _, _ = grid
-    run_dir = workdir / EXTRA_RUN
-    rounds = 3
-    log = workdir / "cancelled.log"
-    config = ci_config_with_extra_method(workdir, run={"rounds": rounds})
-    with running_snakemake([str(EXTRA_RUN / "summary.json")], workdir, log, config) as proc:
-        first_id = wait_for(lambda: fl_job_ids(log.read_text()) or None, proc, log, 120, "fl job submitted")[0]
-        saved = wait_for(lambda: checkpoint_after_round_one(run_dir), proc, log, 300, "checkpoint after round 1")
-        before = metrics_rows(run_dir).query(f"round <= {saved['round']}")
-        subprocess.run(["scancel", first_id], check=True, timeout=30)
-        out = finish(proc, log, timeout=400)
+def slurm_ids(log: str, logs_folder: str) -> list[str]:
+    """SLURM ids of the jobs submitted for one rule and wildcards, in submission order."""
+    return [slurm_id for slurm_id, path, _ in SUBMITTED.findall(log) if logs_folder in path]
 
-    assert proc.returncode == 0, out[-3000:]
-    assert f"SLURM-job '{first_id}' failed, SLURM status is: 'CANCELLED'" in out
-    first, retry = fl_job_ids(out)
-    assert first == first_id
-    assert cluster.job_states()[first] == "CANCELLED"
-    assert cluster.job_states()[retry] == "COMPLETED"
-    after = metrics_rows(run_dir)
-    assert list(after["round"]) == list(range(rounds + 1))
-    assert saved["round"] < rounds, "the job finished before it was cancelled"
-    # Rounds checkpointed before the kill keep their rows, wall clock included: resumed, not redone.
-    pd.testing.assert_frame_equal(after.iloc[: len(before)], before)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["mlflow_run_id"] == saved["mlflow_run_id"]
-    assert_finished_mlflow_run(mlflow_client(workdir), summary, rounds)
-    with capsys.disabled():
+
+@dataclass
+class GridRun:
+    workdir: Path
+    returncode: int
+    log: str
+    cancelled: dict  # the checkpoint CANCELLED_RUN had when its job was cancelled
+    rows_before: pd.DataFrame  # its metrics.csv rows up to that checkpoint's round
+    cancelled_id: str
+
+
+@pytest.fixture(scope="module")
+def grid(cluster, tmp_path_factory) -> GridRun:
+    """The CI grid, run once through the SLURM profile, with CANCELLED_RUN's job cancelled after round 1."""
+    workdir = tmp_path_factory.mktemp("grid")
+    log = workdir / "snakemake.log"
+    run_dir = workdir / CANCELLED_RUN
+    with running_snakemake([], workdir, log) as proc:
+        slurm_id = wait_for(lambda: slurm_ids(log.read_text(), CANCELLED_LOGS) or None, proc, log, 900, "fl job")[0]
+        saved = wait_for(lambda: checkpoint_after_round_one(run_dir), proc, log, 900, "checkpoint after round 1")
+        rows = metrics_rows(run_dir).query(f"round <= {saved['round']}")
+        subprocess.run(["scancel", slurm_id], check=True, timeout=30)
+        out = finish(proc, log, timeout=1200)
+    return GridRun(workdir, proc.returncode, out, saved, rows, slurm_id)
+
+
+def test_ci_grid_runs_every_job_on_slurm(cluster, grid, capsys):
+    assert grid.returncode == 0, grid.log[-3000:]
+    submitted = SUBMITTED.findall(grid.log)
+    # Snakemake prints "rule X:" for a job it hands to SLURM and "localrule X:" for one it runs itself.
+    cluster_jobs = re.findall(r"^rule (\w+):$", grid.log, re.M)
+    local_jobs = re.findall(r"^localrule (\w+):$", grid.log, re.M)
+    assert sorted(rule for _, _, rule in submitted) == sorted(cluster_jobs)
+    assert {"calibrate", "fl"} <= set(cluster_jobs)
+    assert "data_prepare" in local_jobs  # downloads stay on the submit host, which has the internet
+    states = cluster.job_states()
+    for slurm_id, slurm_log, _ in submitted:
+        assert Path(slurm_log).is_file(), f"no SLURM log {slurm_log}"
+        expected = "CANCELLED" if slurm_id == grid.cancelled_id else "COMPLETED"
+        assert states.get(slurm_id) == expected, f"SLURM job {slurm_id}: {states.get(slurm_id)}"
+
+    # Every output is there and up to date, the report included.
+    rc, again = snakemake(["--dry-run"], grid.workdir, timeout=120)
+    assert rc == 0 and "Nothing to be done" in again, again[-3000:]
+    runs = sorted(grid.workdir.glob("results/*/*/*/*/*/seed*/summary.json"))
+    assert len(runs) == cluster_jobs.count("fl") - 1  # the cancelled run was submitted twice
+    client = mlflow_client(grid.workdir)
+    for path in runs:
+        summary = json.loads(path.read_text())
+        assert_finished_mlflow_run(client, summary, summary["rounds"])
+    with capsys.disabled():  # the figures for the CI log
         print(
-            f"\nSLURM: fl job {first} cancelled after round {saved['round']} of {rounds}; retry job {retry} "
-            f"resumed from that checkpoint in the same MLflow run {saved['mlflow_run_id']}"
+            f"\nSLURM: cluster up in {cluster.start_seconds:.1f} s; CI grid: {len(submitted)} jobs submitted "
+            f"({', '.join(f'{rule}:{i}' for i, _, rule in submitted)}), each with a SLURM log, all COMPLETED "
+            f"but {grid.cancelled_id} (cancelled); {len(runs)} run summaries, each with a FINISHED MLflow run"
         )
 
 
-def fl_job_ids(log: str) -> list[str]:
-    return [slurm_id for slurm_id, _, rule in SUBMITTED.findall(log) if rule == "fl"]
+def test_run_cancelled_by_slurm_resumes_from_its_checkpoint(cluster, grid, capsys):
+    """scancel mid-run: the profile's retry resubmits the job, which continues from the last round."""
+    assert f"SLURM-job '{grid.cancelled_id}' failed, SLURM status is: 'CANCELLED'" in grid.log
+    first, retry = slurm_ids(grid.log, CANCELLED_LOGS)
+    assert first == grid.cancelled_id
+    assert cluster.job_states()[retry] == "COMPLETED"
+    run_dir = grid.workdir / CANCELLED_RUN
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rounds = summary["rounds"]
+    assert grid.cancelled["round"] < rounds, "the job finished before it was cancelled"
+    after = metrics_rows(run_dir)
+    assert list(after["round"]) == list(range(rounds + 1))
+    # Rounds checkpointed before the kill keep their rows, wall clock included: resumed, not redone.
+    pd.testing.assert_frame_equal(after.iloc[: len(grid.rows_before)], grid.rows_before)
+    assert summary["mlflow_run_id"] == grid.cancelled["mlflow_run_id"]
+    assert_finished_mlflow_run(mlflow_client(grid.workdir), summary, rounds)
+    with capsys.disabled():
+        print(
+            f"\nSLURM: fl job {first} cancelled after round {grid.cancelled['round']} of {rounds}; retry job "
+            f"{retry} resumed from that checkpoint in the same MLflow run {summary['mlflow_run_id']}"
+        )
 
 
 def test_gpu_request_on_a_gpu_less_node_fails_fast(cluster, grid):
-    workdir, _, _ = grid
-    target = f"results/calibration/digits/resnet18/{EXTRA_METHOD}.json"
+    config = yaml.safe_load(CI_CONFIG.read_text())
+    config["resources"]["gpu"] = 1  # as in the paper grid
+    config_path = grid.workdir / "gpu.yaml"
+    config_path.write_text(yaml.safe_dump(config))
     t0 = time.monotonic()
-    config = ci_config_with_extra_method(workdir, resources={"gpu": 1})
-    rc, out = snakemake([target], workdir, timeout=120, config=config)
+    # Everything is done but the calibration, forced: the one job this run submits asks for a GPU.
+    rc, out = snakemake(["--forcerun", "calibrate", "--", str(CALIBRATION)], grid.workdir, 120, config_path)
     assert rc != 0
     assert "--gpus=1" in out
     assert "Invalid generic resource (gres) specification" in out

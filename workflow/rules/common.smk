@@ -126,7 +126,7 @@ def calibrate_inputs(wildcards):
 def fl_inputs(wildcards):
     inputs = {
         **calibrate_inputs(wildcards),
-        "partition": expand(f"{PARTITION_DIR}/partition.npz", **wildcards)[0],
+        "partition": f"{PARTITION_DIR}/partition.npz".format(**wildcards),
         "tracking": TRACKING_READY,
     }
     if wildcards.run_set == "runs":
