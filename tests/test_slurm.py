@@ -39,11 +39,21 @@ SNAKEMAKE = [
 # The plugin's line for each submission, e.g.
 # "Job 7 has been submitted with SLURM jobid 12 (log: /w/.snakemake/slurm_logs/rule_fl/.../12.log)."
 SUBMITTED = re.compile(r"has been submitted with SLURM jobid (\d+) \(log: (.+/rule_(\w+)/.+?)\)\.$", re.M)
-# A run of the CI grid that the grid fixture cancels with scancel mid-run, as a preemption would,
-# and the folder where the plugin puts its SLURM logs (rule_<rule>/<wildcards joined by _>/).
-CANCELLED_RUN = Path("results/control/digits/resnet18/iid/fedavg/seed0")
-CANCELLED_LOGS = "/rule_fl/control_digits_resnet18_iid_fedavg_0/"
-CALIBRATION = Path("results/calibration/digits/resnet18/fedavg.json")
+
+
+def _first_grid_point() -> dict:
+    cfg = yaml.safe_load(CI_CONFIG.read_text())
+    keys = {"dataset": "datasets", "backbone": "backbones", "split": "splits", "method": "methods", "seed": "seeds"}
+    return {wildcard: next(iter(cfg[key])) for wildcard, key in keys.items()}
+
+
+# A calibrated run of the CI grid that the grid fixture cancels with scancel mid-run, as a
+# preemption would; the folder where the plugin puts its SLURM logs (rule_<rule>/<wildcards>/);
+# and the calibration it needs.
+_POINT = _first_grid_point()
+CANCELLED_RUN = Path("results/runs/{dataset}/{backbone}/{split}/{method}/seed{seed}".format(**_POINT))
+CANCELLED_LOGS = "/rule_fl/runs_{dataset}_{backbone}_{split}_{method}_{seed}/".format(**_POINT)
+CALIBRATION = Path("results/calibration/{dataset}/{backbone}/{method}.json".format(**_POINT))
 
 
 class Cluster:
