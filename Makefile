@@ -17,6 +17,9 @@ install: $(BIN)/fedsq
 # The main job: the offline grid (digits, EfficientNet-Lite0 / ResNet-18) end to end.
 demo: install
 	$(BIN)/snakemake --cores $(CORES) --configfile config/offline.yaml
+	$(BIN)/snakemake --configfile config/offline.yaml --report results/report.html
+	@echo "Tables: results/tables/  plots: results/plots/  report: results/report.html"
+	@echo "MLflow: $(BIN)/mlflow ui --backend-store-uri sqlite:///results/mlflow.db"
 
 test: install
 	$(BIN)/python -m pytest
