@@ -8,6 +8,7 @@ breaks the command that needs it.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -154,10 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # SLURM (scancel, time limit, preemption) sends SIGTERM: unwind like Ctrl-C so a run is
+    # marked KILLED in MLflow; its last checkpoint is already on disk for the resume.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         args.func(args)
+    except KeyboardInterrupt as err:
+        print(f"fedsq {args.command}: interrupted ({err or 'SIGINT'})", file=sys.stderr)
+        return 130
     except (ValueError, OSError) as err:
         # Bad input and unreachable or corrupt downloads get one clear line, not a traceback.
         print(f"fedsq {args.command}: error: {err}", file=sys.stderr)

@@ -142,3 +142,18 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(digits_root, mlflow_uri, 
         checkpoint.load(tmp_path / "straight" / "checkpoint.pt")["global_state"]["fc.weight"],
         checkpoint.load(tmp_path / "killed" / "checkpoint.pt")["global_state"]["fc.weight"],
     )
+
+
+@pytest.mark.slow
+def test_sigterm_marks_the_mlflow_run_killed_and_keeps_the_checkpoint(digits_root, mlflow_uri, tmp_path):
+    # SLURM's scancel, time limit and preemption all send SIGTERM before SIGKILL.
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(yaml.safe_dump(raw_cfg(digits_root, mlflow_uri, rounds=50)))
+    process = fedsq_run(config_path, tmp_path)
+    wait_for_checkpoint(tmp_path, 0, process)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 130
+    assert "interrupted (SIGTERM)" in process.stderr.read()
+    saved = checkpoint.load(tmp_path / "checkpoint.pt")
+    assert saved is not None and not (tmp_path / "summary.json").exists()
+    assert MlflowClient(mlflow_uri).get_run(saved["mlflow_run_id"]).info.status == "KILLED"
