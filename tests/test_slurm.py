@@ -26,7 +26,7 @@ import pytest
 import torch
 import yaml
 
-# About 5 minutes on an idle 2-core machine; the timeouts only stop hangs, and a loaded machine is slow.
+# About 5 minutes on 2 busy cores (17 under heavy load); the timeouts only stop hangs.
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(2400)]
 
 REPO = Path(__file__).resolve().parents[1]
