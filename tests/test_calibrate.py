@@ -2,14 +2,7 @@ import json
 
 import pytest
 
-from fedsq import calibrate, config, data, engine
-
-
-@pytest.fixture(scope="module")
-def digits_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    data.prepare("digits", root)
-    return root
+from fedsq import calibrate, config, engine
 
 
 def make_cfg(digits_root, tmp_path, **extra):

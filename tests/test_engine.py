@@ -8,21 +8,9 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from fedsq import config, data, engine
+from fedsq import config, engine
 
 CHANCE = 0.1
-
-
-@pytest.fixture(scope="module")
-def digits_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    data.prepare("digits", root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def mlflow_uri(tmp_path_factory):
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
 
 
 def make_cfg(digits_root, mlflow_uri, *overrides):

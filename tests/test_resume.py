@@ -14,22 +14,10 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from fedsq import checkpoint, config, data, engine
+from fedsq import checkpoint, config, engine
 from fedsq.strategies import ClientStore
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def digits_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    data.prepare("digits", root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def mlflow_uri(tmp_path_factory):
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
 
 
 def raw_cfg(digits_root, mlflow_uri, **extra):
