@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fedsq.engine import Diverged, Simulation
+from fedsq.files import write_atomic
 
 DEFAULT_LRS = (0.001, 0.003, 0.01, 0.03, 0.1)
 MODES = ("central", "federated")
@@ -81,7 +81,5 @@ def calibrate(cfg: dict, out_json: Path, lrs=None, mode: str = "central", epochs
     }
     out_json = Path(out_json)
     out_json.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_json.with_name(out_json.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out_json)
+    write_atomic(out_json, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
     return result

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import random
 import tempfile
 import time
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fedsq import checkpoint, config, data, models, partition, strategies, weights
+from fedsq.files import write_atomic
 from fedsq.strategies import BatchNormPolicy, ClientStore, WeightedAverage
 
 METRICS_COLUMNS = [
@@ -233,12 +233,6 @@ class Simulation:
         )
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _config_diff(a: dict, b: dict) -> list[str]:
     fa, fb = config.flatten(a), config.flatten(b)
     return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
@@ -343,7 +337,7 @@ def run(cfg: dict, out_dir: Path) -> dict:
             row["samples_trained"], row["wall_seconds"] = samples, elapsed()
             rows.append({c: row.get(c) for c in METRICS_COLUMNS})
             tracker.log_metrics({k: v for k, v in rows[-1].items() if k != "round"}, step=r)
-            _write_atomic(metrics_path, lambda p: pd.DataFrame(rows, columns=METRICS_COLUMNS).to_csv(p, index=False))
+            write_atomic(metrics_path, lambda p: pd.DataFrame(rows, columns=METRICS_COLUMNS).to_csv(p, index=False))
             checkpoint.save(ckpt_path, {
                 "round": r, "global_state": global_state, "strategy": sim.strategy.state_dict(),
                 "rng": checkpoint.rng_state(), "mlflow_run_id": tracker.run_id, "metrics": rows,
@@ -369,7 +363,7 @@ def run(cfg: dict, out_dir: Path) -> dict:
             staged.write_text(json.dumps(summary, indent=2))
             tracker.log_artifact(staged)
             tracker.finish("FINISHED")
-            _write_atomic(summary_path, lambda p: p.write_text(staged.read_text()))
+            write_atomic(summary_path, lambda p: p.write_text(staged.read_text()))
     except KeyboardInterrupt:
         tracker.finish("KILLED")
         raise

@@ -7,13 +7,14 @@ array per client; together they cover every sample exactly once. Each draws from
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+
+from fedsq.files import write_atomic
 
 SPLIT_FORMS = "'iid', 'dir<alpha>' (e.g. dir0.5) or 'shards<classes per client>' (e.g. shards2)"
 
@@ -194,27 +195,20 @@ def _heatmap(counts: pd.DataFrame, path: Path) -> None:
     fig.savefig(path, dpi=120, format="png")
 
 
-def _replace_into(path: Path, write) -> None:
-    # Write beside the target and rename, so a killed job never leaves a half-written artifact.
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write(parts: list[np.ndarray], labels: np.ndarray, out_dir: Path, num_classes: int) -> Path:
     """Write partition.npz (client_0, client_1, ...), class_counts.csv and heatmap.png; return out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = class_counts(parts, labels, num_classes)
-    _replace_into(out_dir / "class_counts.csv", lambda p: counts.to_csv(p))
-    _replace_into(out_dir / "heatmap.png", lambda p: _heatmap(counts, p))
+    write_atomic(out_dir / "class_counts.csv", lambda p: counts.to_csv(p))
+    write_atomic(out_dir / "heatmap.png", lambda p: _heatmap(counts, p))
 
     def save_npz(p: Path) -> None:
         with open(p, "wb") as f:  # a file object keeps numpy from appending ".npz" to the temp name
             np.savez(f, **{f"client_{i}": part for i, part in enumerate(parts)})
 
     # The indices go last: their presence marks a complete partition.
-    _replace_into(out_dir / "partition.npz", save_npz)
+    write_atomic(out_dir / "partition.npz", save_npz)
     return out_dir
 
 
