@@ -39,13 +39,15 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _to_cpu(value):
+def snapshot(value):
+    """A copy of ``value`` on the CPU that later in-place updates (optimizer state, control
+    variates) cannot reach: what a background thread may save while training goes on."""
     if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
+        return value.detach().to("cpu", copy=True)
     if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
+        return {k: snapshot(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(v) for v in value)
+        return type(value)(snapshot(v) for v in value)
     return value
 
 
@@ -54,7 +56,7 @@ def save(path: Path, state: dict) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        torch.save(_to_cpu(state), f)
+        torch.save(snapshot(state), f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 
-import torch
 from torch import Tensor, nn
 
 from fedsq.dualcopy import ClampRegime, DualCopy, record_regimes

@@ -19,7 +19,10 @@ import math
 import random
 import tempfile
 import time
+import warnings
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -28,6 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fedsq import checkpoint, config, data, models, partition, strategies, weights
+from fedsq.background import SerialWorker
 from fedsq.files import write_atomic
 from fedsq.strategies import BatchNormPolicy, ClientStore, WeightedAverage
 
@@ -186,7 +190,8 @@ class Simulation:
         self.strategy.client_end(model, client, round, steps, step_size, global_state)
         return _check_finite(loss_sum, round, client), len(indices) * epochs
 
-    def train_round(self, round: int, lr: float, global_state: dict) -> tuple[dict, float, int]:
+    def train_round(self, round: int, lr: float, global_state: dict,
+                    after_client: Callable[[], None] = lambda: None) -> tuple[dict, float, int]:
         """One round over the sampled clients; returns (new global state, mean train loss, samples)."""
         average = WeightedAverage(self.bn.pooled_var())
         loss_sum, samples = 0.0, 0
@@ -195,6 +200,7 @@ class Simulation:
             client_loss, client_samples = self.train_client(int(client), self.parts[client], round, lr, global_state)
             average.add(self.model.state_dict(), self.client_sizes[client])
             loss_sum, samples = loss_sum + client_loss, samples + client_samples
+            after_client()
         return self.strategy.server_update(global_state, average.result()), loss_sum / samples, samples
 
     @torch.inference_mode()
@@ -276,12 +282,47 @@ def _tags(cfg: dict) -> dict:
     }
 
 
+def _start_tracking(cfg: dict, tags: dict, run_id: str | None, params: dict):
+    """A new MLflow run, or the checkpointed one resumed, with the run's params logged."""
+    from fedsq import tracking  # here, on the background thread: MLflow takes seconds to import
+
+    tracker = tracking.Tracker(
+        cfg["tracking"]["uri"], cfg["tracking"]["experiment"], run_id=run_id,
+        run_name="/".join(tags[k] for k in ("dataset", "backbone", "split", "method")) + f"/seed{cfg['seed']}",
+        tags=tags,
+    )
+    tracker.log_params(params)
+    return tracker
+
+
+def _record_round(tracker: Future, row: dict, rows: list[dict], state: dict, out_dir: Path) -> None:
+    """A finished round's MLflow metrics, metrics.csv and, last, its checkpoint: a run killed
+    before the checkpoint lands redoes the round, and the tracker skips steps already logged."""
+    tracker.result().log_metrics({k: v for k, v in row.items() if k != "round"}, step=row["round"])
+    write_atomic(out_dir / "metrics.csv", lambda p: pd.DataFrame(rows, columns=METRICS_COLUMNS).to_csv(p, index=False))
+    checkpoint.save(out_dir / "checkpoint.pt", state | {"mlflow_run_id": tracker.result().run_id})
+
+
+def _finish_tracking(tracker: Future, summary: dict, out_dir: Path) -> None:
+    """Summary metrics and artifacts, the run marked FINISHED, then summary.json: its presence
+    marks a finished run, so it is written last."""
+    mlflow_run = tracker.result()
+    mlflow_run.log_metrics({
+        f"summary.{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    } | {f"summary.client_acc_{k}": v for k, v in summary["client_acc"].items()}, step=summary["rounds"])
+    mlflow_run.log_artifact(out_dir / "metrics.csv")
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / "summary.json"
+        staged.write_text(json.dumps(summary, indent=2))
+        mlflow_run.log_artifact(staged)
+        mlflow_run.finish("FINISHED")
+        write_atomic(out_dir / "summary.json", lambda p: p.write_text(staged.read_text()))
+
+
 def run(cfg: dict, out_dir: Path) -> dict:
     """Run (or resume, or skip if finished) the federated run ``cfg`` in ``out_dir``; return its summary."""
-    from fedsq import tracking
-
     out_dir = Path(out_dir)
-    summary_path, ckpt_path, metrics_path = out_dir / "summary.json", out_dir / "checkpoint.pt", out_dir / "metrics.csv"
+    summary_path, ckpt_path = out_dir / "summary.json", out_dir / "checkpoint.pt"
     cfg = json.loads(json.dumps(cfg))  # the form it takes in summary.json and the checkpoint
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
@@ -296,78 +337,85 @@ def run(cfg: dict, out_dir: Path) -> dict:
     lr, lr_source = config.resolve_lr(cfg)
     sim = Simulation(cfg, out_dir)
     tags = _tags(cfg)
-    tracker = tracking.Tracker(
-        cfg["tracking"]["uri"], cfg["tracking"]["experiment"],
-        run_id=saved["mlflow_run_id"] if saved else None,
-        run_name="/".join(tags[k] for k in ("dataset", "backbone", "split", "method")) + f"/seed{cfg['seed']}",
-        tags=tags,
-    )
-    try:
-        tracker.log_params(config.flatten(cfg) | {"lr": lr, "lr_source": lr_source})
-        if saved is None:
-            global_state, rows, samples, elapsed_before, first = sim.global_state(), [], 0, 0.0, 0
-            partition_dir = sim.partition_dir or partition.write(
+    # Everything the run records (MLflow, metrics.csv, checkpoints) is written in order by
+    # one background thread; the training thread only waits for it at the end.
+    with SerialWorker("fedsq-outputs") as outputs:
+        tracker = outputs.submit(
+            _start_tracking, cfg, tags, saved["mlflow_run_id"] if saved else None,
+            config.flatten(cfg) | {"lr": lr, "lr_source": lr_source})
+        try:
+            summary = _simulate(cfg, lr, sim, saved, outputs, tracker, out_dir, started) | {
+                "lr": lr, "lr_source": lr_source,
+                "tags": {k: tags[k] for k in ("dataset", "backbone", "split", "method", "seed", "lr_mode")},
+                "config": cfg,
+            }
+            outputs.submit(_finish_tracking, tracker, summary, out_dir)
+            outputs.drain()
+        except BaseException as err:
+            status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+            outputs.submit(lambda: tracker.result().finish(status))
+            for failure in outputs.wait():
+                if failure is not err:
+                    warnings.warn(f"while stopping a {status} run: {type(failure).__name__}: {failure}", stacklevel=2)
+            raise
+    return summary
+
+
+def _simulate(cfg: dict, lr: float, sim: Simulation, saved: dict | None, outputs: SerialWorker, tracker: Future,
+              out_dir: Path, started: float) -> dict:
+    """The rounds from the first unfinished one; returns the summary's figures."""
+    if saved is None:
+        global_state, rows, samples, elapsed_before, first = sim.global_state(), [], 0, 0.0, 0
+
+        def log_partition() -> None:
+            folder = sim.partition_dir or partition.write(
                 sim.parts, sim.splits["train"][1].cpu().numpy(), out_dir / "partition", sim.num_classes)
             for name in ("class_counts.csv", "heatmap.png"):
-                tracker.log_artifact(partition_dir / name, "partition")
-        else:
-            global_state = {k: v.to(sim.device) for k, v in saved["global_state"].items()}
-            sim.strategy.load_state_dict(saved["strategy"])
-            checkpoint.set_rng_state(saved["rng"])
-            rows, samples, elapsed_before = saved["metrics"], saved["samples_trained"], saved["wall_seconds"]
-            first = saved["round"] + 1
+                tracker.result().log_artifact(folder / name, "partition")
 
-        def elapsed() -> float:
-            return elapsed_before + time.perf_counter() - started
+        outputs.submit(log_partition)
+    else:
+        global_state = {k: v.to(sim.device) for k, v in saved["global_state"].items()}
+        sim.strategy.load_state_dict(saved["strategy"])
+        checkpoint.set_rng_state(saved["rng"])
+        rows, samples, elapsed_before = saved["metrics"], saved["samples_trained"], saved["wall_seconds"]
+        first = saved["round"] + 1
 
-        rounds = cfg["rounds"]
-        for r in tqdm(range(first, rounds + 1), desc="rounds", unit="round", initial=first, total=rounds + 1):
-            row = {"round": r, "train_loss": None, "lr": None}
-            if r > 0:
-                row["lr"] = round_lr(cfg, lr, r)
-                global_state, row["train_loss"], trained = sim.train_round(r, row["lr"], global_state)
-                samples += trained
-            sim.model.load_state_dict(global_state)
-            row["val_acc"], row["val_loss"] = sim.evaluate("val")
-            if r % cfg["eval"]["test_every"] == 0 or r == rounds:
-                row["test_acc"], row["test_loss"] = sim.evaluate("test")
-            every = cfg["eval"]["drift_every"]
-            if every and (r % every == 0 or r == rounds):
-                row["gate_agreement"], row["gate_agreement_pretrained_bn"] = sim.gate_agreement()
-            row["samples_trained"], row["wall_seconds"] = samples, elapsed()
-            rows.append({c: row.get(c) for c in METRICS_COLUMNS})
-            tracker.log_metrics({k: v for k, v in rows[-1].items() if k != "round"}, step=r)
-            write_atomic(metrics_path, lambda p: pd.DataFrame(rows, columns=METRICS_COLUMNS).to_csv(p, index=False))
-            checkpoint.save(ckpt_path, {
-                "round": r, "global_state": global_state, "strategy": sim.strategy.state_dict(),
-                "rng": checkpoint.rng_state(), "mlflow_run_id": tracker.run_id, "metrics": rows,
-                "samples_trained": samples, "wall_seconds": row["wall_seconds"], "config": json.dumps(cfg),
-            })
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - started
 
+    rounds = cfg["rounds"]
+    for r in tqdm(range(first, rounds + 1), desc="rounds", unit="round", initial=first, total=rounds + 1):
+        row = {"round": r, "train_loss": None, "lr": None}
+        if r > 0:
+            row["lr"] = round_lr(cfg, lr, r)
+            # A failed background job (say, an unreachable tracking server) stops the run within a client.
+            global_state, row["train_loss"], trained = sim.train_round(r, row["lr"], global_state, outputs.check)
+            samples += trained
         sim.model.load_state_dict(global_state)
-        client_acc = sim.client_accuracy()
-        summary = summarize(rows, cfg) | {
-            "wall_seconds": elapsed(), "samples_trained": samples,
-            "client_acc": {"mean": float(client_acc.mean()), "std": float(client_acc.std()),
-                           "min": float(client_acc.min()), "max": float(client_acc.max())},
-            "lr": lr, "lr_source": lr_source, "mlflow_run_id": tracker.run_id,
-            "tags": {k: tags[k] for k in ("dataset", "backbone", "split", "method", "seed", "lr_mode")},
-            "config": cfg,
-        }
-        tracker.log_metrics({
-            f"summary.{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-        } | {f"summary.client_acc_{k}": v for k, v in summary["client_acc"].items()}, step=rounds)
-        tracker.log_artifact(metrics_path)
-        with tempfile.TemporaryDirectory() as tmp:
-            staged = Path(tmp) / "summary.json"
-            staged.write_text(json.dumps(summary, indent=2))
-            tracker.log_artifact(staged)
-            tracker.finish("FINISHED")
-            write_atomic(summary_path, lambda p: p.write_text(staged.read_text()))
-    except KeyboardInterrupt:
-        tracker.finish("KILLED")
-        raise
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
-    return summary
+        row["val_acc"], row["val_loss"] = sim.evaluate("val")
+        new_best = all(row["val_acc"] > earlier["val_acc"] for earlier in rows)  # test_acc_at_best is measured
+        if r % cfg["eval"]["test_every"] == 0 or r == rounds or new_best:
+            row["test_acc"], row["test_loss"] = sim.evaluate("test")
+        every = cfg["eval"]["drift_every"]
+        if every and (r % every == 0 or r == rounds):
+            row["gate_agreement"], row["gate_agreement_pretrained_bn"] = sim.gate_agreement()
+        row["samples_trained"], row["wall_seconds"] = samples, elapsed()
+        rows.append({c: row.get(c) for c in METRICS_COLUMNS})
+        state = checkpoint.snapshot({
+            "round": r, "global_state": global_state, "strategy": sim.strategy.state_dict(),
+            "rng": checkpoint.rng_state(), "metrics": list(rows), "samples_trained": samples,
+            "wall_seconds": row["wall_seconds"], "config": json.dumps(cfg),
+        })
+        outputs.submit(_record_round, tracker, rows[-1], list(rows), state, out_dir)
+        outputs.check()
+
+    sim.model.load_state_dict(global_state)
+    client_acc = sim.client_accuracy()
+    outputs.drain()  # every round recorded, and the MLflow run id known
+    return summarize(rows, cfg) | {
+        "wall_seconds": elapsed(), "samples_trained": samples,
+        "client_acc": {"mean": float(client_acc.mean()), "std": float(client_acc.std()),
+                       "min": float(client_acc.min()), "max": float(client_acc.max())},
+        "mlflow_run_id": tracker.result().run_id,
+    }

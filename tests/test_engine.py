@@ -99,6 +99,27 @@ def test_divergence_names_round_and_client_fails_the_mlflow_run_and_writes_no_su
     assert [r.info.status for r in runs] == ["FAILED"]
 
 
+def test_a_tracking_failure_on_the_background_thread_stops_the_run(digits_root, tmp_path):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    cfg = make_cfg(digits_root, f"sqlite:///{not_a_folder}/mlflow.db", "rounds=2")
+    with pytest.raises(OSError, match="file"):
+        engine.run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_test_split_is_evaluated_at_every_new_best_whatever_test_every(digits_root, mlflow_uri, tmp_path, monkeypatch):
+    val_accs = iter([0.1, 0.5, 0.4, 0.3])  # rounds 0-3: the best is round 1
+
+    def evaluate(self, split):
+        return (next(val_accs), 1.0) if split == "val" else (0.9, 1.0)
+
+    monkeypatch.setattr(engine.Simulation, "evaluate", evaluate)
+    summary = engine.run(make_cfg(digits_root, mlflow_uri, "rounds=3", "eval.test_every=100"), tmp_path)
+    assert read_metrics(tmp_path)["test_acc"].notna().tolist() == [True, True, False, True]  # 0, best, last
+    assert summary["best_round"] == 1 and summary["test_acc_at_best"] == 0.9
+
+
 def test_client_sampling_depends_only_on_seed_and_round():
     cfg = config.load({"split": {"num_clients": 100}, "clients_per_round": 10, "seed": 3})
     assert np.array_equal(engine.sample_clients(cfg, 5), engine.sample_clients(cfg, 5))

@@ -1,0 +1,50 @@
+"""A serial background worker: a run's side work done in order on one thread.
+
+MLflow costs seconds before its first call (imports, store set-up) and a database or server
+round trip per call; a checkpoint costs a write and an fsync. Done on one background thread,
+all of it overlaps the training instead of adding to it.
+
+Jobs run in submission order, so each may rely on every earlier one: the MLflow run exists
+before metrics are logged to it, and round r's checkpoint replaces round r-1's, never the
+reverse. A job's exception reaches the submitting thread through ``check`` or ``drain``.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
+
+
+class SerialWorker:
+    """One worker thread (a context manager: leaving it waits for the thread to end)."""
+
+    def __init__(self, name: str):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._pending: list[Future] = []
+
+    def submit(self, job: Callable, *args, **kwargs) -> Future:
+        future = self._pool.submit(job, *args, **kwargs)
+        self._pending.append(future)
+        return future
+
+    def check(self) -> None:
+        """Raise the first failure among the jobs finished so far, without waiting."""
+        while self._pending and self._pending[0].done():
+            self._pending.pop(0).result()
+
+    def wait(self) -> list[BaseException]:
+        """Wait for every submitted job; return the failures in submission order."""
+        pending, self._pending = self._pending, []
+        return [error for error in (future.exception() for future in pending) if error is not None]
+
+    def drain(self) -> None:
+        """Wait for every submitted job; raise the first failure."""
+        failures = self.wait()
+        if failures:
+            raise failures[0]
+
+    def __enter__(self) -> SerialWorker:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._pool.shutdown(wait=True)
