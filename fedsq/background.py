@@ -16,15 +16,22 @@ from typing import Callable
 
 
 class SerialWorker:
-    """One worker thread (a context manager: leaving it waits for the thread to end)."""
+    """One worker thread (a context manager: leaving it waits for the thread to end).
 
-    def __init__(self, name: str):
+    ``overlap=False`` makes ``submit`` wait for its job: for a caller that uses every core,
+    where a second Python thread holding the GIL stalls it for longer than the job takes.
+    """
+
+    def __init__(self, name: str, overlap: bool = True):
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._pending: list[Future] = []
+        self.overlap = overlap
 
     def submit(self, job: Callable, *args, **kwargs) -> Future:
         future = self._pool.submit(job, *args, **kwargs)
         self._pending.append(future)
+        if not self.overlap:
+            future.exception()  # wait; a failure is raised by check or drain as usual
         return future
 
     def check(self) -> None:

@@ -56,6 +56,15 @@ def test_wait_returns_every_failure_without_raising():
         assert worker.wait() == []
 
 
+def test_without_overlap_submit_returns_once_its_job_is_done():
+    with SerialWorker("test", overlap=False) as worker:
+        future = worker.submit(time.sleep, 0.05)
+        assert future.done()
+        worker.submit(lambda: 1 / 0)  # not raised here ...
+        with pytest.raises(ZeroDivisionError):
+            worker.check()  # ... but where a background failure would be
+
+
 def test_a_snapshot_is_not_reached_by_later_in_place_updates():
     state = {"momentum": torch.zeros(3), "nested": [torch.ones(2)], "round": 1}
     saved = checkpoint.snapshot(state)
