@@ -2,7 +2,7 @@
 
 MLflow costs seconds before its first call (imports, store set-up) and a database or server
 round trip per call; a checkpoint costs a write and an fsync. Done on one background thread,
-all of it overlaps the training instead of adding to it.
+all of it can overlap the training instead of adding to it.
 
 Jobs run in submission order, so each may rely on every earlier one: the MLflow run exists
 before metrics are logged to it, and round r's checkpoint replaces round r-1's, never the
