@@ -39,15 +39,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def snapshot(value):
-    """A copy of ``value`` on the CPU that later in-place updates (optimizer state, control
-    variates) cannot reach: what a background thread may save while training goes on."""
+def snapshot(value, copy: bool = True):
+    """``value`` with its tensors on the CPU. With ``copy`` (the default) later in-place updates
+    (optimizer state, control variates) cannot reach it: what a background thread may save
+    while training goes on."""
     if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
+        return value.detach().to("cpu", copy=copy)
     if isinstance(value, dict):
-        return {k: snapshot(v) for k, v in value.items()}
+        return {k: snapshot(v, copy) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(snapshot(v) for v in value)
+        return type(value)(snapshot(v, copy) for v in value)
     return value
 
 
@@ -56,7 +57,7 @@ def save(path: Path, state: dict) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        torch.save(snapshot(state), f)
+        torch.save(snapshot(state, copy=False), f)  # the engine hands over its own snapshot
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
