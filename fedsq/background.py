@@ -1,8 +1,8 @@
 """A serial background worker: a run's side work done in order on one thread.
 
-MLflow costs seconds before its first call (imports, store set-up) and a database or server
-round trip per call; a checkpoint costs a write and an fsync. Done on one background thread,
-all of it can overlap the training instead of adding to it.
+A round's records cost waits: a database or server round trip per MLflow call (MLflow itself
+works in a helper process, see ``tracking_process``), a write and an fsync per checkpoint.
+Done on one background thread, they overlap the training instead of adding to it.
 
 Jobs run in submission order, so each may rely on every earlier one: the MLflow run exists
 before metrics are logged to it, and round r's checkpoint replaces round r-1's, never the
@@ -16,22 +16,15 @@ from typing import Callable
 
 
 class SerialWorker:
-    """One worker thread (a context manager: leaving it waits for the thread to end).
+    """One worker thread (a context manager: leaving it waits for the thread to end)."""
 
-    ``overlap=False`` makes ``submit`` wait for its job: for a caller that uses every core,
-    where a second Python thread holding the GIL stalls it for longer than the job takes.
-    """
-
-    def __init__(self, name: str, overlap: bool = True):
+    def __init__(self, name: str):
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._pending: list[Future] = []
-        self.overlap = overlap
 
     def submit(self, job: Callable, *args, **kwargs) -> Future:
         future = self._pool.submit(job, *args, **kwargs)
         self._pending.append(future)
-        if not self.overlap:
-            future.exception()  # wait; a failure is raised by check or drain as usual
         return future
 
     def check(self) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import random
 import tempfile
 import time
@@ -35,6 +34,7 @@ from fedsq import checkpoint, config, data, models, partition, strategies, weigh
 from fedsq.background import SerialWorker
 from fedsq.files import write_atomic
 from fedsq.strategies import BatchNormPolicy, ClientStore, WeightedAverage
+from fedsq.tracking_process import TrackingProcess
 
 METRICS_COLUMNS = [
     "round", "val_acc", "val_loss", "test_acc", "test_loss", "train_loss", "gate_agreement",
@@ -283,11 +283,9 @@ def _tags(cfg: dict) -> dict:
     }
 
 
-def _start_tracking(cfg: dict, tags: dict, run_id: str | None, params: dict):
+def _start_tracking(helper: TrackingProcess, cfg: dict, tags: dict, run_id: str | None, params: dict):
     """A new MLflow run, or the checkpointed one resumed, with the run's params logged."""
-    from fedsq import tracking  # here, on the background thread: MLflow takes seconds to import
-
-    tracker = tracking.Tracker(
+    tracker = helper.tracker(
         cfg["tracking"]["uri"], cfg["tracking"]["experiment"], run_id=run_id,
         run_name="/".join(tags[k] for k in ("dataset", "backbone", "split", "method")) + f"/seed{cfg['seed']}",
         tags=tags,
@@ -338,13 +336,11 @@ def run(cfg: dict, out_dir: Path) -> dict:
     lr, lr_source = config.resolve_lr(cfg)
     sim = Simulation(cfg, out_dir)
     tags = _tags(cfg)
-    # Everything the run records (MLflow, metrics.csv, checkpoints) is written in order by
-    # one background thread, overlapping training when a core is free for it. When training
-    # uses every core, a thread holding the GIL stalls it for longer than its work takes
-    # (measured at 2 threads on 2 cores: MLflow's ~3.5 s start cost ~10 s), so then it waits.
-    with SerialWorker("fedsq-outputs", overlap=_core_to_spare(sim.device)) as outputs:
+    # Everything the run records (MLflow, metrics.csv, checkpoints) is written in order by one
+    # background thread, overlapping the training; MLflow itself works in a helper process.
+    with TrackingProcess() as helper, SerialWorker("fedsq-outputs") as outputs:
         tracker = outputs.submit(
-            _start_tracking, cfg, tags, saved["mlflow_run_id"] if saved else None,
+            _start_tracking, helper, cfg, tags, saved["mlflow_run_id"] if saved else None,
             config.flatten(cfg) | {"lr": lr, "lr_source": lr_source})
         try:
             summary = _simulate(cfg, lr, sim, saved, outputs, tracker, out_dir, started) | {
@@ -362,13 +358,6 @@ def run(cfg: dict, out_dir: Path) -> dict:
                     warnings.warn(f"while stopping a {status} run: {type(failure).__name__}: {failure}", stacklevel=2)
             raise
     return summary
-
-
-def _core_to_spare(device: torch.device) -> bool:
-    """Whether background work can run beside training without taking a core from it
-    (on a GPU the training thread mostly waits for the device)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return device.type == "cuda" or torch.get_num_threads() < cores
 
 
 def _simulate(cfg: dict, lr: float, sim: Simulation, saved: dict | None, outputs: SerialWorker, tracker: Future,
