@@ -334,15 +334,16 @@ def run(cfg: dict, out_dir: Path) -> dict:
 
     started = time.perf_counter()
     lr, lr_source = config.resolve_lr(cfg)
-    sim = Simulation(cfg, out_dir)
     tags = _tags(cfg)
     # Everything the run records (MLflow, metrics.csv, checkpoints) is written in order by one
-    # background thread, overlapping the training; MLflow itself works in a helper process.
+    # background thread, overlapping the training; MLflow itself works in a helper process,
+    # whose start (seconds of imports) overlaps the set-up of data and model.
     with TrackingProcess() as helper, SerialWorker("fedsq-outputs") as outputs:
         tracker = outputs.submit(
             _start_tracking, helper, cfg, tags, saved["mlflow_run_id"] if saved else None,
             config.flatten(cfg) | {"lr": lr, "lr_source": lr_source})
         try:
+            sim = Simulation(cfg, out_dir)
             summary = _simulate(cfg, lr, sim, saved, outputs, tracker, out_dir, started) | {
                 "lr": lr, "lr_source": lr_source,
                 "tags": {k: tags[k] for k in ("dataset", "backbone", "split", "method", "seed", "lr_mode")},
