@@ -6,7 +6,6 @@ import time
 
 import pytest
 import torch
-
 from mlflow import MlflowClient
 
 from fedsq import checkpoint
