@@ -7,8 +7,8 @@ and calls these hooks, in this order, around the local training of each sampled 
 - ``bind(model)``: allocate server state shaped like the trainable parameters; once per run.
 - ``client_begin(model, client, round, global_state)``: the model holds the global state.
 - ``client_grad(params)``: after backward, before the optimizer step (proximal term, SCAFFOLD).
-- ``client_end(model, client, round, steps, step_size, global_state)``: after local training;
-  ``step_size`` is the local optimizer's effective step (lr / (1 - momentum)).
+- ``client_end(model, client, round, steps, lr, momentum, global_state)``: after local
+  training, which took ``steps`` steps of a fresh ``torch.optim.SGD(lr=lr, momentum=momentum)``.
 - ``server_update(global_state, average)``: the new global state from the sample-weighted
   average of the clients' states (``WeightedAverage``).
 
@@ -198,7 +198,7 @@ class FedAvg:
             for p, anchor in zip(params, self._anchor):
                 p.grad.add_(p.detach() - anchor, alpha=self.mu)
 
-    def client_end(self, model: nn.Module, client: int, round: int, steps: int, step_size: float,
+    def client_end(self, model: nn.Module, client: int, round: int, steps: int, lr: float, momentum: float,
                    global_state: dict) -> None:
         pass
 
@@ -234,13 +234,25 @@ class FedSQ(FedAvg):
         return DualCopy(model, gate_maxpool=self.gate_maxpool)
 
 
+def displacement_per_gradient(steps: int, lr: float, momentum: float) -> float:
+    """How far ``steps`` steps of torch's momentum SGD move a parameter per unit of a constant
+    gradient: its buffer starts at the first gradient and after k steps holds
+    g·(1 + β + … + β^(k-1)) = g·(1 - β^k)/(1 - β), and each step moves lr·buffer.
+
+    lr·K for plain SGD. The steady-state lr·K/(1 - β) overstates it most for few steps
+    (1/(1 - β) = 10× at K = 1, β = 0.9), and SCAFFOLD's c_i would be as many times too small.
+    """
+    return lr * sum(1 - momentum**k for k in range(1, steps + 1)) / (1 - momentum)
+
+
 class Scaffold(FedAvg):
     """Karimireddy et al. 2020, option II control variates.
 
-    Local gradients are corrected by (c - c_i); after K local steps of effective size η the
-    client's variate becomes c_i⁺ = c_i - c + (x - y_i)/(Kη) (exact for plain SGD; with
-    momentum β, η = lr/(1-β) is the steady-state step), and the server moves c by the sum of
-    the clients' changes over the number of all clients. c_i lives in the ClientStore.
+    Local gradients are corrected by (c - c_i); after local training the client's variate
+    becomes c_i⁺ = c_i - c + (x - y_i)/D, where D = ``displacement_per_gradient`` (Kη for K
+    plain SGD steps of size η), so that a constant gradient is recovered exactly; the server
+    moves c by the sum of the clients' changes over the number of all clients. c_i lives in
+    the ClientStore.
     """
 
     name = "scaffold"
@@ -267,11 +279,12 @@ class Scaffold(FedAvg):
         for p, correction in zip(params, self._correction):
             p.grad.add_(correction)
 
-    def client_end(self, model: nn.Module, client: int, round: int, steps: int, step_size: float,
+    def client_end(self, model: nn.Module, client: int, round: int, steps: int, lr: float, momentum: float,
                    global_state: dict) -> None:
+        divisor = displacement_per_gradient(steps, lr, momentum)
         new_c_i = {}
         for name, p in trainable(model):
-            new_c_i[name] = self._c_i[name] - self.c[name] + (global_state[name] - p.detach()) / (steps * step_size)
+            new_c_i[name] = self._c_i[name] - self.c[name] + (global_state[name] - p.detach()) / divisor
             self._delta[name] += new_c_i[name] - self._c_i[name]
         self.store.put(client, round, new_c_i)
 

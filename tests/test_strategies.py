@@ -121,7 +121,7 @@ def _client_step(strategy, model, global_state, x, y, lr=0.1, client=0, round=1)
     strategy.client_grad(params)
     opt.step()
     opt.zero_grad()
-    strategy.client_end(model, client, round, 1, lr, global_state)
+    strategy.client_end(model, client, round, 1, lr, 0.0, global_state)
 
 
 def test_proximal_gradient_equals_autograd_of_the_proximal_term():
@@ -167,6 +167,32 @@ def test_scaffold_control_variates_follow_option_two_and_live_on_disk(tmp_path):
     restored.client_grad(params)
     index = [n for n, _ in strategies.trainable(model)].index(name)
     assert torch.allclose(params[index].grad, strategy.c[name] - c_1[name], atol=1e-6)
+
+
+@pytest.mark.parametrize("steps", [1, 3, 20])
+def test_scaffold_recovers_a_constant_gradient_through_momentum_sgd(tmp_path, steps):
+    lr, momentum = 0.05, 0.9
+    model = nn.Linear(4, 3).double()
+    x, weights = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    strategy = strategies.build(options("scaffold"), ClientStore(tmp_path), num_clients=1)
+    strategy.bind(model)
+    global_state = {k: v.clone() for k, v in model.state_dict().items()}
+    strategy.client_begin(model, 0, 1, global_state)
+    params = [p for _, p in strategies.trainable(model)]
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=0.0)
+    for _ in range(steps):
+        opt.zero_grad()
+        (model(x) * weights).sum().backward()  # linear in the parameters: a constant gradient
+        strategy.client_grad(params)
+        opt.step()
+    gradient = {"weight": weights.T @ x, "bias": weights.sum(0)}
+    strategy.client_end(model, 0, 1, steps, lr, momentum, global_state)
+    c_i = ClientStore(tmp_path).get(0, before_round=2)
+    for name, g in gradient.items():
+        assert torch.allclose(c_i[name], g, rtol=1e-9, atol=1e-12)
+        # the steady-state divisor K·lr/(1 - β) that this replaces does not recover it
+        steady = (global_state[name] - model.state_dict()[name]) / (steps * lr / (1 - momentum))
+        assert not torch.allclose(steady, g, rtol=1e-2)
 
 
 def test_scaffold_needs_a_store():
