@@ -303,34 +303,34 @@ class Scaffold(FedAvg):
 
 
 class _ServerOptimizer(FedAvg):
-    """Reddi et al. 2021 (Adaptive Federated Optimization): the server treats
-    global - average as a gradient of its trainable parameters and steps a torch optimizer
-    on them; buffers (BatchNorm statistics) take the average as in FedAvg."""
+    """Reddi et al. 2021 (Adaptive Federated Optimization), Algorithm 2: the server moves each
+    trainable parameter by a function of Δ = average - global (the pseudo-gradient is -Δ) and
+    of per-parameter buffers, which the checkpoint keeps; other entries (BatchNorm statistics)
+    take the average as in FedAvg."""
 
     def bind(self, model: nn.Module) -> None:
-        self._params = {name: nn.Parameter(p.detach().clone()) for name, p in trainable(model)}
-        self.optimizer = self.make_optimizer(list(self._params.values()))
+        self.buffers = {name: self.initial_buffers(p.detach()) for name, p in trainable(model)}
 
-    def make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    def initial_buffers(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def step(self, delta: torch.Tensor, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The move of one parameter; updates its ``buffers`` in place."""
         raise NotImplementedError
 
     def server_update(self, global_state: dict, average: dict) -> dict:
         new_state = dict(average)
-        with torch.no_grad():
-            for name, p in self._params.items():
-                p.copy_(global_state[name])
-                p.grad = global_state[name] - average[name]
-        self.optimizer.step()
-        for name, p in self._params.items():
-            new_state[name] = p.detach().clone()
-            p.grad = None
+        for name, buffers in self.buffers.items():
+            new_state[name] = global_state[name] + self.step(average[name] - global_state[name], buffers)
         return new_state
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict()}
+        return {"buffers": self.buffers}
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        for name, buffers in state["buffers"].items():
+            for key, value in buffers.items():
+                self.buffers[name][key].copy_(value)
 
 
 class FedAvgM(_ServerOptimizer):
@@ -342,12 +342,21 @@ class FedAvgM(_ServerOptimizer):
         super().__init__(options, store, num_clients)
         self.server_lr, self.momentum = float(options.get("server_lr") or 1.0), float(options["server_momentum"])
 
-    def make_optimizer(self, params):
-        return torch.optim.SGD(params, lr=self.server_lr, momentum=self.momentum)
+    def initial_buffers(self, p):
+        return {"m": torch.zeros_like(p)}
+
+    def step(self, delta, buffers):
+        # torch.optim.SGD's momentum on the pseudo-gradient -Δ (its buffer starts at the first one)
+        return self.server_lr * buffers["m"].mul_(self.momentum).add_(delta)
 
 
 class FedAdam(_ServerOptimizer):
-    """Reddi et al. 2021: server Adam (``server_lr``, ``betas``, ``tau`` as Adam's epsilon)."""
+    """Reddi et al. 2021, Algorithm 2's FedAdam (``server_lr`` η, ``betas``, ``tau`` τ):
+    m_t = β1·m_{t-1} + (1-β1)·Δ_t, v_t = β2·v_{t-1} + (1-β2)·Δ_t², x_{t+1} = x_t + η·m_t/(√v_t + τ).
+
+    No bias correction, as published: torch.optim.Adam's would rescale the k-th server step by
+    √(1-β2^k)/(1-β1^k) (0.74 at the second with betas 0.9, 0.99).
+    """
 
     name = "fedadam"
 
@@ -356,8 +365,16 @@ class FedAdam(_ServerOptimizer):
         self.server_lr, self.betas, self.tau = (
             float(options.get("server_lr") or 0.01), tuple(options["betas"]), float(options["tau"]))
 
-    def make_optimizer(self, params):
-        return torch.optim.Adam(params, lr=self.server_lr, betas=self.betas, eps=self.tau)
+    def initial_buffers(self, p):
+        # Algorithm 2 starts from m_{-1} = 0 and requires v_{-1} ≥ τ²: τ², its least value, is
+        # the start closest to v = 0 that it allows (and it decays by β2 each round).
+        return {"m": torch.zeros_like(p), "v": torch.full_like(p, self.tau**2)}
+
+    def step(self, delta, buffers):
+        beta1, beta2 = self.betas
+        m = buffers["m"].mul_(beta1).add_(delta, alpha=1 - beta1)
+        v = buffers["v"].mul_(beta2).addcmul_(delta, delta, value=1 - beta2)
+        return self.server_lr * m / (v.sqrt() + self.tau)
 
 
 METHODS: dict[str, type[FedAvg]] = {cls.name: cls for cls in (FedAvg, FedProx, FedSQ, Scaffold, FedAvgM, FedAdam)}

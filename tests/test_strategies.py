@@ -217,18 +217,28 @@ def test_fedavgm_without_momentum_at_lr_one_is_fedavg_and_momentum_accumulates()
     assert torch.equal(second["1.running_mean"], first["1.running_mean"] + 1.0)  # buffers: plain average
 
 
-def test_fedadam_steps_towards_the_average_by_about_server_lr_and_checkpoints():
+def test_fedadam_follows_algorithm_two_of_reddi_et_al_and_resumes():
+    lr, (beta1, beta2), tau = 0.1, (0.9, 0.99), 1e-3
     model = tiny()
-    global_state = {k: v.clone() for k, v in model.state_dict().items()}
-    average = {k: v + 0.5 if v.is_floating_point() else v for k, v in global_state.items()}
-    strategy = strategies.build(options("fedadam", server_lr=0.01))
+    strategy = strategies.build(options("fedadam", server_lr=lr, betas=[beta1, beta2], tau=tau))
     strategy.bind(model)
-    out = strategy.server_update(global_state, average)
-    assert torch.allclose(out["0.weight"] - global_state["0.weight"], torch.full_like(out["0.weight"], 0.01), atol=1e-4)
-    clone = strategies.build(options("fedadam", server_lr=0.01))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x, m, v = state["0.weight"].clone(), torch.zeros_like(state["0.weight"]), torch.full_like(state["0.weight"], tau**2)
+    torch.manual_seed(1)
+    for _ in range(3):
+        average = {k: t + torch.randn_like(t) if t.is_floating_point() else t for k, t in state.items()}
+        delta = average["0.weight"] - x
+        m = beta1 * m + (1 - beta1) * delta
+        v = beta2 * v + (1 - beta2) * delta**2
+        x = x + lr * m / (v.sqrt() + tau)
+        state = strategy.server_update(state, average)
+        assert torch.allclose(state["0.weight"], x, atol=1e-6)
+        assert torch.equal(state["1.running_mean"], average["1.running_mean"])  # buffers: plain average
+    clone = strategies.build(options("fedadam", server_lr=lr, betas=[beta1, beta2], tau=tau))
     clone.bind(model)
     clone.load_state_dict(copy.deepcopy(strategy.state_dict()))  # as through a checkpoint file
-    a, b = strategy.server_update(out, average), clone.server_update(out, average)
+    average = {k: t + 0.5 if t.is_floating_point() else t for k, t in state.items()}
+    a, b = strategy.server_update(state, average), clone.server_update(state, average)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
