@@ -227,7 +227,8 @@ class Simulation:
         return np.array([correct[part].mean() for part in self.parts])
 
     def gate_agreement(self) -> tuple[float, float]:
-        """Agreement of the model's gates with the pretrained ones: own BN stats, pretrained BN stats."""
+        """Agreement of the model's own gates (a DualCopy's: its quantitative copy's) with the
+        pretrained ones: own BN stats, pretrained BN stats."""
         from fedsq import drift
 
         self.model.eval()
