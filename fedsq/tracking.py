@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
-import fedsq
+import fedsq.version
 
 DEFAULT_URI = "sqlite:///results/mlflow.db"
 STATUSES = ("FINISHED", "FAILED", "KILLED")
@@ -85,22 +84,6 @@ def _get_or_create_experiment(client: MlflowClient, name: str, artifact_location
         return client.get_experiment_by_name(name).experiment_id
 
 
-def code_version() -> str:
-    """fedsq's version plus the git commit it runs from (-dirty for uncommitted edits), if any."""
-    try:
-        commit = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=40"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return fedsq.__version__
-    return f"{fedsq.__version__}+{commit}"
-
-
 class Tracker:
     """One MLflow run: a new one, or an existing one resumed after a restart.
 
@@ -129,7 +112,7 @@ class Tracker:
         self.client = MlflowClient(self.uri)
         if run_id is None:
             experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
-            version = code_version()
+            version = fedsq.version.code_version()
             # A None tag is an unset value, not the string "None".
             all_tags = {k: str(v) for k, v in (tags or {}).items() if v is not None} | {"code_version": version}
             if "+" in version:
