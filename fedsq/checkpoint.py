@@ -3,13 +3,15 @@
 A checkpoint is one ``torch.save`` file written to a temporary name, flushed to disk and
 renamed over the old one, so a kill at any moment leaves either the previous or the new
 checkpoint, never half of one. It is loaded with ``weights_only=True``: only tensors and
-plain Python values, no pickled code.
+plain Python values, no pickled code. One made from other inputs than a run's is set aside
+under another name, not deleted, so that it can still be looked at.
 """
 
 from __future__ import annotations
 
 import os
 import random
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -69,3 +71,12 @@ def load(path: Path) -> dict | None:
     if not path.exists():
         return None
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def set_aside(path: Path) -> Path:
+    """Rename the checkpoint at ``path`` to ``<name>.stale-<UTC time>.pt`` beside it; return the new path."""
+    path = Path(path)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stale = path.with_name(f"{path.stem}.stale-{stamp}{path.suffix}")
+    os.replace(path, stale)
+    return stale

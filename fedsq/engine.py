@@ -6,9 +6,9 @@ adds its state to a running sample-weighted sum; the strategy turns the average 
 next global state. Memory is a constant number of models whatever the number of clients;
 per-client state (SCAFFOLD, FedBN) lives on disk.
 
-Outputs in the run folder: ``checkpoint.pt`` (every round, atomic), ``metrics.csv`` (one
-row per round, round 0 = the initial model) and ``summary.json`` (written last: its
-presence marks a finished run).
+Outputs in the run folder: ``checkpoint.pt`` (every round, atomic; removed once the run is
+finished), ``metrics.csv`` (one row per round, round 0 = the initial model) and
+``summary.json`` (written last: its presence marks a finished run).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import copy
 import json
 import math
 import random
+import shutil
 import tempfile
 import time
 import warnings
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fedsq import checkpoint, config, data, models, partition, strategies, weights
+from fedsq import checkpoint, config, data, download, models, partition, strategies, version, weights
 from fedsq.background import SerialWorker
 from fedsq.files import write_atomic
 from fedsq.strategies import BatchNormPolicy, ClientStore, WeightedAverage
@@ -238,18 +239,52 @@ class Simulation:
         )
 
 
-def _config_diff(a: dict, b: dict) -> list[str]:
+def _changed_keys(a: dict, b: dict) -> list[str]:
+    """The dotted keys (``config.optimizer.lr``) whose values differ between two nested dicts."""
     fa, fb = config.flatten(a), config.flatten(b)
     return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
 
 
 def _same_config(stored: dict, cfg: dict, where: Path) -> None:
-    diff = _config_diff(stored, cfg)
+    diff = _changed_keys(stored, cfg)
     if diff:
         raise ValueError(
             f"{where} belongs to a run with another config (differs in: {', '.join(diff)}); "
             "use another --out folder or delete it"
         )
+
+
+def _fingerprint(cfg: dict, lr: float) -> dict:
+    """Everything that determines the run's trajectory, by name: the config, the lr it resolves
+    to, the code, and the SHA-256 of every file the run reads. Equal whenever nothing changed:
+    no timestamps, no MLflow run id."""
+    files = {"dataset meta.json": Path(cfg["paths"]["data"]) / cfg["dataset"] / "meta.json"}
+    if cfg["paths"]["partition"]:
+        folder = Path(cfg["paths"]["partition"])
+        files["partition"] = folder / "partition.npz" if folder.is_dir() else folder  # as partition.load reads it
+    weights_path = weights.resolve(cfg["backbone"], cfg["weights"], Path(cfg["paths"]["weights"]))
+    if weights_path is not None:
+        files["weights"] = weights_path
+    if cfg["optimizer"]["lr"] == "calibrated":
+        files["calibration"] = Path(cfg["calibration"])
+    # A missing file is left out: the run fails soon after, where it reads the file, with a clearer message.
+    return {"config": cfg, "lr": lr, "code version": version.code_version()} | {
+        f"{name} file sha256": download.sha256_of(path) for name, path in files.items() if path.exists()}
+
+
+def _resume_point(ckpt_path: Path, fingerprint: dict) -> dict | None:
+    """The checkpoint to continue from, or None to start from round 0. A checkpoint of other
+    inputs (config, files, code) is set aside, not resumed: it says which changed."""
+    saved = checkpoint.load(ckpt_path)
+    if saved is None:
+        return None
+    changed = _changed_keys(saved.get("fingerprint", {}), fingerprint)
+    if not changed:
+        return saved
+    stale = checkpoint.set_aside(ckpt_path)
+    warnings.warn(f"{ckpt_path} was made from other inputs (changed: {', '.join(changed)}); "
+                  f"set aside as {stale.name}, starting from round 0 in a new MLflow run", stacklevel=3)
+    return None
 
 
 def summarize(rows: list[dict], cfg: dict) -> dict:
@@ -324,14 +359,21 @@ def run(cfg: dict, out_dir: Path) -> dict:
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
         _same_config(summary["config"], cfg, summary_path)
+        ckpt_path.unlink(missing_ok=True)  # left by a run stopped before it retired it (see below)
         return summary  # finished: nothing to do
     out_dir.mkdir(parents=True, exist_ok=True)
-    saved = checkpoint.load(ckpt_path)
-    if saved is not None:
-        _same_config(json.loads(saved["config"]), cfg, ckpt_path)
 
     started = time.perf_counter()
     lr, lr_source = config.resolve_lr(cfg)
+    fingerprint = _fingerprint(cfg, lr)
+    saved = _resume_point(ckpt_path, fingerprint)
+    if saved is None:
+        # From round 0 nothing of an earlier run may leak in: ClientStore serves a client "the
+        # latest version before round r", which an earlier run's rounds would be. Deleted, not
+        # set aside: without their run they are of no use.
+        if (out_dir / "client_state").exists():
+            shutil.rmtree(out_dir / "client_state")
+        (out_dir / "metrics.csv").unlink(missing_ok=True)
     tags = _tags(cfg)
     # Everything the run records (MLflow, metrics.csv, checkpoints) is written in order by one
     # background thread, overlapping the training; MLflow itself works in a helper process,
@@ -342,7 +384,7 @@ def run(cfg: dict, out_dir: Path) -> dict:
             config.flatten(cfg) | {"lr": lr, "lr_source": lr_source})
         try:
             sim = Simulation(cfg, out_dir)
-            summary = _simulate(cfg, lr, sim, saved, outputs, tracker, out_dir, started) | {
+            summary = _simulate(cfg, lr, fingerprint, sim, saved, outputs, tracker, out_dir, started) | {
                 "lr": lr, "lr_source": lr_source,
                 "tags": {k: tags[k] for k in ("dataset", "backbone", "split", "method", "seed", "lr_mode")},
                 "config": cfg,
@@ -356,11 +398,16 @@ def run(cfg: dict, out_dir: Path) -> dict:
                 if failure is not err:
                     warnings.warn(f"while stopping a {status} run: {type(failure).__name__}: {failure}", stacklevel=2)
             raise
+    # Retired once summary.json is there, so that a forced rerun (Snakemake deletes summary.json
+    # first) starts from round 0. A run stopped just before this line leaves both files: a start
+    # that finds summary.json removes the checkpoint (above); one that does not (Snakemake deletes
+    # a failed job's outputs) resumes the finished rounds, to the same summary in the same MLflow run.
+    ckpt_path.unlink()
     return summary
 
 
-def _simulate(cfg: dict, lr: float, sim: Simulation, saved: dict | None, outputs: SerialWorker, tracker: Future,
-              out_dir: Path, started: float) -> dict:
+def _simulate(cfg: dict, lr: float, fingerprint: dict, sim: Simulation, saved: dict | None, outputs: SerialWorker,
+              tracker: Future, out_dir: Path, started: float) -> dict:
     """The rounds from the first unfinished one; returns the summary's figures."""
     if saved is None:
         global_state, rows, samples, elapsed_before, first = sim.global_state(), [], 0, 0.0, 0
@@ -403,7 +450,7 @@ def _simulate(cfg: dict, lr: float, sim: Simulation, saved: dict | None, outputs
         state = checkpoint.snapshot({
             "round": r, "global_state": global_state, "strategy": sim.strategy.state_dict(),
             "rng": checkpoint.rng_state(), "metrics": list(rows), "samples_trained": samples,
-            "wall_seconds": row["wall_seconds"], "config": json.dumps(cfg),
+            "wall_seconds": row["wall_seconds"], "fingerprint": fingerprint,
         })
         outputs.submit(_record_round, tracker, rows[-1], list(rows), state, out_dir)
         outputs.check()

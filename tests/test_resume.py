@@ -1,4 +1,5 @@
-"""Exact resume: a run interrupted after a checkpoint and started again ends as if never stopped."""
+"""Exact resume: a run interrupted after a checkpoint and started again ends as if never stopped;
+a checkpoint never outlives what produced it (a finished run, other inputs, other code)."""
 
 import json
 import os
@@ -14,7 +15,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from fedsq import checkpoint, config, engine
+from fedsq import checkpoint, config, data, engine, models, partition, version
 from fedsq.strategies import ClientStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,27 +48,30 @@ def assert_one_value_per_round(mlflow_uri, run_id, rounds):
         assert sorted(steps) == list(range(0 if key != "lr" else 1, rounds + 1)), key
 
 
+def interrupt_at_round(round: int, monkeypatch) -> None:
+    train_round = engine.Simulation.train_round
+
+    def interrupted(self, r, *args):
+        if r == round:
+            raise KeyboardInterrupt
+        return train_round(self, r, *args)
+
+    monkeypatch.setattr(engine.Simulation, "train_round", interrupted)
+
+
 def test_interrupted_run_resumes_into_the_same_mlflow_run_with_identical_results(
     digits_root, mlflow_uri, tmp_path, monkeypatch
 ):
     cfg = config.load(raw_cfg(digits_root, mlflow_uri))
     engine.run(cfg, tmp_path / "straight")
 
-    train_round = engine.Simulation.train_round
-
-    def interrupted(self, round, *args):
-        if round == 2:
-            raise KeyboardInterrupt
-        return train_round(self, round, *args)
-
-    monkeypatch.setattr(engine.Simulation, "train_round", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        interrupt_at_round(2, patch)
         engine.run(cfg, tmp_path / "resumed")
     saved = checkpoint.load(tmp_path / "resumed" / "checkpoint.pt")
     assert saved["round"] == 1 and not (tmp_path / "resumed" / "summary.json").exists()
     assert MlflowClient(mlflow_uri).get_run(saved["mlflow_run_id"]).info.status == "KILLED"
 
-    monkeypatch.setattr(engine.Simulation, "train_round", train_round)
     summary = engine.run(cfg, tmp_path / "resumed")
     assert summary["mlflow_run_id"] == saved["mlflow_run_id"]
     assert_one_value_per_round(mlflow_uri, summary["mlflow_run_id"], rounds=2)
@@ -82,11 +86,99 @@ def test_interrupted_run_resumes_into_the_same_mlflow_run_with_identical_results
     assert "fc.weight" in variates and "bn1.running_var" not in variates
 
 
-def test_resume_refuses_a_changed_config(digits_root, mlflow_uri, tmp_path):
+def test_a_finished_run_retires_its_checkpoint_so_a_forced_rerun_starts_from_round_0(
+    digits_root, mlflow_uri, tmp_path
+):
+    cfg = config.load(raw_cfg(digits_root, mlflow_uri))
+    first = engine.run(cfg, tmp_path)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+    # Stopped between writing summary.json and retiring the checkpoint: the next start retires it.
+    checkpoint.save(tmp_path / "checkpoint.pt", {"round": 2})
+    assert engine.run(cfg, tmp_path) == first
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+    (tmp_path / "summary.json").unlink()  # what `snakemake --forcerun` does first
+    second = engine.run(cfg, tmp_path)
+    assert second["mlflow_run_id"] != first["mlflow_run_id"]
+    assert_one_value_per_round(mlflow_uri, second["mlflow_run_id"], rounds=2)  # every round trained again
+    for s in (first, second):
+        del s["wall_seconds"], s["mlflow_run_id"]
+    assert second == first
+
+
+def test_a_checkpoint_of_another_config_is_set_aside_and_old_client_state_removed(digits_root, mlflow_uri, tmp_path):
     cfg = config.load(raw_cfg(digits_root, mlflow_uri, rounds=0))
-    checkpoint.save(tmp_path / "checkpoint.pt", {"config": json.dumps(cfg | {"seed": 7})})
-    with pytest.raises(ValueError, match=r"checkpoint.pt belongs to a run with another config \(differs in: seed\)"):
-        engine.run(cfg, tmp_path)
+    old = {"fingerprint": engine._fingerprint(cfg | {"seed": 7}, 0.05), "round": 0, "mlflow_run_id": "old"}
+    checkpoint.save(tmp_path / "checkpoint.pt", old)
+    leftover = tmp_path / "client_state" / "method" / "client3" / "round1.pt"
+    leftover.parent.mkdir(parents=True)
+    torch.save({}, leftover)
+    (tmp_path / "metrics.csv").write_text("round\n0\n1\n")
+
+    with pytest.warns(UserWarning, match=r"checkpoint.pt was made from other inputs \(changed: config.seed\)"):
+        summary = engine.run(cfg, tmp_path)
+    [stale] = tmp_path.glob("checkpoint.stale-*.pt")
+    assert checkpoint.load(stale) == old
+    assert summary["mlflow_run_id"] != "old" and summary["rounds"] == 0
+    assert not leftover.exists()
+    assert list(pd.read_csv(tmp_path / "metrics.csv")["round"]) == [0]
+
+
+def write_calibration(path: Path, lr: float) -> None:
+    path.write_text(json.dumps({"method": "scaffold", "lr": lr, "mode": "federated"}))
+
+
+def write_partition(folder: Path, digits_root: Path, seed: int) -> None:
+    labels = data.load("digits", digits_root).train.y
+    split = {"scheme": "dirichlet", "num_clients": 10, "alpha": 0.5, "seed": seed, "min_size": 2}
+    partition.write(partition.make(labels, split), labels, folder, num_classes=10)
+
+
+def write_weights(path: Path, seed: int) -> None:
+    torch.manual_seed(seed)
+    torch.save(models.build("resnet18", models.IMAGENET_CLASSES, None).state_dict(), path)
+
+
+@pytest.mark.parametrize("change", ["calibration", "partition", "weights", "code version"])
+def test_a_checkpoint_of_other_inputs_is_set_aside_and_the_run_starts_over(
+    change, digits_root, mlflow_uri, tmp_path, monkeypatch
+):
+    write_calibration(tmp_path / "calibration.json", lr=0.05)
+    write_partition(tmp_path / "partition", digits_root, seed=0)
+    write_weights(tmp_path / "weights.pt", seed=0)
+    cfg = config.load(raw_cfg(
+        digits_root, mlflow_uri, weights=str(tmp_path / "weights.pt"), optimizer={"lr": "calibrated"},
+        calibration=str(tmp_path / "calibration.json"),
+        paths={"data": str(digits_root), "partition": str(tmp_path / "partition")},
+    ))
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        interrupt_at_round(2, patch)
+        engine.run(cfg, out)
+    old, old_rows = checkpoint.load(out / "checkpoint.pt"), pd.read_csv(out / "metrics.csv")
+    assert old["round"] == 1
+
+    if change == "calibration":  # a new calibration at the same path
+        write_calibration(tmp_path / "calibration.json", lr=0.1)
+    elif change == "partition":
+        write_partition(tmp_path / "partition", digits_root, seed=1)
+    elif change == "weights":
+        write_weights(tmp_path / "weights.pt", seed=1)
+    else:  # a new commit
+        monkeypatch.setattr(version, "code_version", lambda: "0.1.0+a-new-commit")
+    with pytest.warns(UserWarning, match=rf"changed: [^)]*{change}[^)]*\); set aside as checkpoint.stale-"):
+        summary = engine.run(cfg, out)
+
+    [stale] = out.glob("checkpoint.stale-*.pt")
+    assert checkpoint.load(stale)["mlflow_run_id"] == old["mlflow_run_id"] != summary["mlflow_run_id"]
+    assert_one_value_per_round(mlflow_uri, summary["mlflow_run_id"], rounds=2)  # from round 0, in a new run
+    rows = pd.read_csv(out / "metrics.csv")
+    assert list(rows["round"]) == [0, 1, 2]
+    # Round 1 trained again: from the new inputs, or (same inputs, new code) to the same figures.
+    assert (rows.loc[1, "train_loss"] == old_rows.loc[1, "train_loss"]) == (change == "code version")
+    if change == "calibration":
+        assert rows.loc[1, "lr"] == summary["lr"] == 0.1
 
 
 def fedsq_run(config_path: Path, out: Path) -> subprocess.Popen:
@@ -147,10 +239,7 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(digits_root, mlflow_uri, 
     assert json.loads((tmp_path / "killed" / "summary.json").read_text())["mlflow_run_id"] == run_id
     assert_one_value_per_round(mlflow_uri, run_id, rounds=3)
     assert_same_results(tmp_path / "straight", tmp_path / "killed")
-    assert torch.equal(
-        checkpoint.load(tmp_path / "straight" / "checkpoint.pt")["global_state"]["fc.weight"],
-        checkpoint.load(tmp_path / "killed" / "checkpoint.pt")["global_state"]["fc.weight"],
-    )
+    assert not (tmp_path / "killed" / "checkpoint.pt").exists()  # retired with the finished run
 
 
 @pytest.mark.slow
