@@ -131,6 +131,18 @@ def test_iid_parity_is_an_equivalence_test_on_paired_seeds(tmp_path, fedsq, feda
     assert (row["verdict"] == "supported") == (-0.015 < ci.low and ci.high < 0.015)
 
 
+def test_parity_is_read_from_each_rows_ci_without_holm(tmp_path):
+    # Two parity rows (BatchNorm arms), each with its 90 % CI inside ±1.5 points: both hold,
+    # however many rows the table has; a third whose CI lies beyond the margin contradicts.
+    base = [0.80, 0.82, 0.84, 0.86, 0.88]
+    runs = pair_runs(tmp_path, "iid", list(np.add(base, [0.001, 0.002, 0.0, 0.001, 0.003])), base, bn="pooled")
+    runs += pair_runs(tmp_path, "iid", list(np.add(base, [-0.002, 0.0, 0.001, -0.001, 0.0])), base, bn="frozen")
+    runs += pair_runs(tmp_path, "iid", list(np.add(base, [-0.05, -0.06, -0.055, -0.045, -0.05])), base, bn="local")
+    rows = claims_of(runs).query("claim == 'iid_parity'").set_index("bn")
+    assert dict(rows["verdict"]) == {"pooled": "supported", "frozen": "supported", "local": "contradicted"}
+    assert rows["p_holm"].isna().all()
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 def test_dirichlet_superiority_is_a_one_sided_paired_test(tmp_path, reverse):
     baseline = [0.60, 0.70, 0.65, 0.75, 0.68]
