@@ -80,7 +80,12 @@ def _report(args: argparse.Namespace) -> None:
     from fedsq import report
 
     out = report.build(
-        [Path(p) for p in args.runs], Path(args.out), partitions=[Path(p) for p in args.partitions or []]
+        [Path(p) for p in args.runs],
+        Path(args.out),
+        partitions=[Path(p) for p in args.partitions or []],
+        parity_margin=args.parity_margin,
+        target_fraction=args.target_fraction,
+        alpha=args.alpha,
     )
     print(f"tables and plots in {out}")
 
@@ -151,6 +156,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", nargs="+", required=True, help="run folders (each with summary.json and metrics.csv)")
     p.add_argument("--partitions", nargs="*", help="partition folders (class_counts.csv, heatmap.png)")
     p.add_argument("--out", required=True, help="output folder (tables/ and plots/ go inside)")
+    p.add_argument(
+        "--parity-margin",
+        type=float,
+        default=0.015,
+        help="iid_parity: equivalence margin on the paired best val acc difference (0.015 = ±1.5 points)",
+    )
+    p.add_argument(
+        "--target-fraction",
+        type=float,
+        default=0.95,
+        help="fewer_rounds: target = this fraction of the lower of the two runs' best val acc, per seed",
+    )
+    p.add_argument("--alpha", type=float, default=0.05, help="significance level after the Holm adjustment")
     p.set_defaults(func=_report)
     return parser
 

@@ -2,8 +2,11 @@
 
 FedSQ's premise is that the gating pattern (which regime each ReLU/ReLU6 unit is in) is
 the structural knowledge worth keeping. ``gate_agreement`` measures, on a fixed probe batch,
-the fraction of gate units in the same regime as in the pretrained reference: 1.0 for FedSQ
-by construction, and for FedAvg a number for how much local training disturbed the structure.
+the fraction of gate units in the same regime as in the pretrained reference: for FedAvg how
+much training disturbed the structure. A FedSQ model's forward pass uses its frozen structural
+copy's gates, the pretrained ones (agreement 1 by construction), so it is judged instead by
+the gates its quantitative copy computes on its own: how far Q has moved from the regime
+structure it is held to.
 """
 
 from __future__ import annotations
@@ -46,11 +49,12 @@ def _gate_codes(model: nn.Module, x: Tensor) -> list[Tensor]:
 def gate_agreement(model: nn.Module, reference: nn.Module, probe_x: Tensor, *, reference_bn: bool = False) -> float:
     """Fraction of gate units (over all call sites) whose regime on ``probe_x`` matches ``reference``'s.
 
-    Both are evaluated in eval mode. A DualCopy is judged by the gates its forward pass uses
-    (its structural copy's). ``reference_bn=True`` evaluates ``model`` with the reference's
-    BatchNorm statistics, separating drift of the weights from drift of the statistics.
+    Both are evaluated in eval mode. A DualCopy is judged by its quantitative copy run as a
+    plain network, with its own gates (its forward pass uses the structural copy's).
+    ``reference_bn=True`` evaluates ``model`` with the reference's BatchNorm statistics,
+    separating drift of the weights from drift of the statistics.
     """
-    gated = model.structural if isinstance(model, DualCopy) else model
+    gated = model.quantitative if isinstance(model, DualCopy) else model
     if reference_bn:
         gated = _with_batchnorm_statistics_of(gated, reference)
     codes = _gate_codes(gated, probe_x)

@@ -185,10 +185,7 @@ class Simulation:
                 if steps % DIVERGENCE_CHECK_EVERY == 0:
                     _check_finite(loss_sum, round, client)
         self.bn.client_end(model, client, round)
-        # SGD with momentum b moves lr / (1 - b) per unit of a steady gradient: SCAFFOLD's
-        # control variates divide the client's displacement by this effective step.
-        step_size = lr / (1 - cfg["optimizer"]["momentum"])
-        self.strategy.client_end(model, client, round, steps, step_size, global_state)
+        self.strategy.client_end(model, client, round, steps, lr, cfg["optimizer"]["momentum"], global_state)
         return _check_finite(loss_sum, round, client), len(indices) * epochs
 
     def train_round(self, round: int, lr: float, global_state: dict,
@@ -230,7 +227,8 @@ class Simulation:
         return np.array([correct[part].mean() for part in self.parts])
 
     def gate_agreement(self) -> tuple[float, float]:
-        """Agreement of the model's gates with the pretrained ones: own BN stats, pretrained BN stats."""
+        """Agreement of the model's own gates (a DualCopy's: its quantitative copy's) with the
+        pretrained ones: own BN stats, pretrained BN stats."""
         from fedsq import drift
 
         self.model.eval()

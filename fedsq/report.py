@@ -1,10 +1,23 @@
 """Tables, claim verdicts and plots from finished FL runs.
 
-Reads each run folder's ``summary.json`` and ``metrics.csv`` (the engine's contract),
-groups runs by (dataset, backbone, split, method, lr_mode) and summarises over seeds as
-mean ± sample std with the number of seeds beside it. One seed cannot rank methods
-(round-to-round noise reached 0.46 accuracy in single runs), so every verdict in the
-claims table needs at least two seeds and a gap wider than the seeds' spread.
+Reads each run folder's ``summary.json`` and ``metrics.csv`` (the engine's contract) and
+groups runs by (dataset, backbone, split, method, lr_mode, bn): the results table summarises
+each group over seeds as mean ± sample std with the number of seeds beside it.
+
+The claims table compares FedSQ with each baseline inside one (dataset, backbone, split,
+lr_mode, bn) cell, paired by seed: the methods of one seed share partition and client
+sampling, so each seed gives one difference FedSQ − baseline, and the verdict rests on those
+differences (``scipy.stats`` one-sample t-tests on them, i.e. paired t-tests):
+
+- superiority (dirichlet_robust: best val acc higher; fewer_rounds: rounds to a common target
+  lower): one-sided test, 95 % CI of the mean difference;
+- parity (iid_parity): equivalence within ± ``parity_margin`` by two one-sided tests (TOST),
+  90 % CI of the mean difference.
+
+p-values are Holm-adjusted over the rows of each claim. Verdicts: ``supported`` (the claim's
+test significant after Holm), ``contradicted`` (the opposite test significant after Holm:
+FedSQ worse, or outside the parity margin), ``inconclusive`` (neither), ``too few seeds``
+(fewer than three paired seeds).
 """
 
 from __future__ import annotations
@@ -21,8 +34,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+from scipy import stats  # noqa: E402
 
-GROUP = ["dataset", "backbone", "split", "method", "lr_mode"]
+GROUP = ["dataset", "backbone", "split", "method", "lr_mode", "bn"]
+CELL = [key for key in GROUP if key != "method"]  # the claims compare methods within one cell
 # summary.json key -> table header; accuracies are shown in percent in Markdown and LaTeX.
 SUMMARY_METRICS = {
     "best_val_acc": "best val acc (%)",
@@ -34,29 +49,51 @@ SUMMARY_METRICS = {
 }
 ACCURACIES = {"best_val_acc", "test_acc_at_best", "final_val_acc", "final_test_acc", "last3_val_acc"}
 METHOD_ORDER = ["fedavg", "fedprox", "fedsq"]  # the paper's methods first, others after
-LR_MODE_STYLE = {"calibrated": "-", "equal": "--"}
-SUPPORTED, NOT_SUPPORTED, NOT_ENOUGH = "supported", "not supported", "not enough seeds"
-CLAIM_COLUMNS = [
-    "claim", "dataset", "backbone", "split", "baseline", "lr_mode", "metric",
-    "fedsq_mean", "fedsq_std", "fedsq_n", "baseline_mean", "baseline_std", "baseline_n",
-    "fedsq_last3_mean", "baseline_last3_mean", "verdict",
-]
+DEFAULT_BN = "pooled"  # the run config's default BatchNorm handling; other modes are marked
 CLAIMS = {
     "iid_parity": "FedSQ ≈ FedAvg on i.i.d. (best val acc)",
-    "dirichlet_robust": "FedSQ ≥ baseline under Dirichlet (best val acc)",
+    "dirichlet_robust": "FedSQ > baseline under Dirichlet (best val acc)",
     "fewer_rounds": "FedSQ needs fewer rounds",
 }
+# The alternative (of FedSQ − baseline against 0) under which FedSQ is better.
+BETTER = {"dirichlet_robust": "greater", "fewer_rounds": "less"}
+MIN_SEEDS = 3  # paired seeds below which no test is run
+SUPPORTED, CONTRADICTED, INCONCLUSIVE, TOO_FEW = "supported", "contradicted", "inconclusive", "too few seeds"
+CLAIM_COLUMNS = [
+    "claim", "dataset", "backbone", "split", "baseline", "lr_mode", "bn", "measure", "n",
+    "fedsq_mean", "baseline_mean", "diff_mean", "ci_level", "ci_low", "ci_high",
+    "p", "p_holm", "p_reverse", "p_reverse_holm", "verdict",
+]
 
 
-def build(run_dirs: list[Path], out: Path, partitions: list[Path] = (), parity_tolerance: float = 0.02) -> Path:
+def build(
+    run_dirs: list[Path],
+    out: Path,
+    partitions: list[Path] = (),
+    *,
+    parity_margin: float = 0.015,
+    target_fraction: float = 0.95,
+    alpha: float = 0.05,
+) -> Path:
     """Write out/tables/{results,claims}.{csv,md} (+ results.tex) and out/plots/*.png; return out.
 
     Args:
         run_dirs: run folders, each with summary.json (required) and metrics.csv (curves).
         out: output folder.
         partitions: partition folders (class_counts.csv, heatmap.png) to collect into the plots.
-        parity_tolerance: largest gap in mean best val acc that still counts as "FedSQ ≈ FedAvg".
+        parity_margin: iid_parity holds when the paired difference in best val acc lies within
+            ± this margin (accuracy as a fraction: 0.015 = 1.5 points).
+        target_fraction: fewer_rounds compares rounds to reach this fraction of the lower of the
+            two methods' best val acc, per seed.
+        alpha: significance level of every test (after the Holm adjustment).
     """
+    for name, value, ok, allowed in [
+        ("parity_margin", parity_margin, 0 < parity_margin <= 1, "(0, 1]"),
+        ("target_fraction", target_fraction, 0 < target_fraction <= 1, "(0, 1]"),
+        ("alpha", alpha, 0 < alpha < 0.5, "(0, 0.5)"),
+    ]:
+        if not ok:
+            raise ValueError(f"report: {name} must lie in {allowed}, got {value}")
     out = Path(out)
     runs, curves = load_runs(run_dirs)
     tables, plots = out / "tables", out / "plots"
@@ -71,9 +108,12 @@ def build(run_dirs: list[Path], out: Path, partitions: list[Path] = (), parity_t
     latex = styler.to_latex(hrules=True)
     (tables / "results.tex").write_text(latex.replace("±", r"$\pm$"))
 
-    claims = claims_table(runs, parity_tolerance)
+    claims = claims_table(runs, curves, parity_margin=parity_margin, target_fraction=target_fraction, alpha=alpha)
     claims.to_csv(tables / "claims.csv", index=False)
-    (tables / "claims.md").write_text(claims_display(claims).to_markdown(index=False) + "\n")
+    (tables / "claims.md").write_text(
+        claims_legend(parity_margin, target_fraction, alpha) + "\n\n"
+        + claims_display(claims).to_markdown(index=False, disable_numparse=True) + "\n"  # keep "+0.3" as written
+    )
 
     _save(plot_curves(curves, "val_acc", "validation accuracy"), plots / "val_acc_vs_round.png")
     _save(plot_gate_agreement(curves), plots / "gate_agreement_vs_round.png")
@@ -113,7 +153,7 @@ def load_runs(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def _run_keys(summary: dict, run_dir: Path) -> dict:
-    """Grouping keys from the summary's tags, falling back on the resolved config."""
+    """Grouping keys from the summary's tags, falling back on the resolved config, then defaults."""
     tags, config = summary.get("tags") or {}, summary.get("config") or {}
     method = config.get("method")
     fallback = {
@@ -122,6 +162,7 @@ def _run_keys(summary: dict, run_dir: Path) -> dict:
         "method": method.get("name") if isinstance(method, dict) else method,
         "seed": config.get("seed"),
         "lr_mode": "calibrated",
+        "bn": config.get("bn") or DEFAULT_BN,
     }
     keys = {key: tags[key] if tags.get(key) is not None else fallback.get(key) for key in [*GROUP, "seed"]}
     missing = [key for key, value in keys.items() if value is None]
@@ -132,7 +173,8 @@ def _run_keys(summary: dict, run_dir: Path) -> dict:
 
 def _sort(frame: pd.DataFrame, by: list[str] = (*GROUP, "seed")) -> pd.DataFrame:
     """Reading order: claims as listed; fedavg, fedprox, fedsq, then other methods;
-    iid, then Dirichlet by decreasing alpha; calibrated lr before the equal-lr control."""
+    iid, then Dirichlet by decreasing alpha; calibrated lr before the equal-lr control;
+    the default BatchNorm handling before the others."""
 
     def key(column: pd.Series) -> pd.Series:
         if column.name == "claim":
@@ -143,6 +185,8 @@ def _sort(frame: pd.DataFrame, by: list[str] = (*GROUP, "seed")) -> pd.DataFrame
             return column.map(_split_order)
         if column.name == "lr_mode":
             return column.map(lambda mode: (mode != "calibrated", mode))
+        if column.name == "bn":
+            return column.map(lambda bn: (bn != DEFAULT_BN, bn))
         return column
 
     by = [c for c in by if c in frame.columns]
@@ -213,84 +257,182 @@ def results_display(results: pd.DataFrame) -> pd.DataFrame:
 # --- claims ----------------------------------------------------------------------------------
 
 
-def claims_table(runs: pd.DataFrame, parity_tolerance: float = 0.02) -> pd.DataFrame:
-    """The paper's three claims, one row per (claim, dataset, backbone, split, baseline, lr_mode).
+def claims_table(
+    runs: pd.DataFrame,
+    curves: pd.DataFrame,
+    *,
+    parity_margin: float = 0.015,
+    target_fraction: float = 0.95,
+    alpha: float = 0.05,
+) -> pd.DataFrame:
+    """The paper's three claims, one row per (claim, dataset, backbone, split, baseline, lr_mode, bn).
 
-    Verdicts compare seed intervals mean ± std (``not enough seeds`` below two seeds a side):
-    - iid_parity: supported if the intervals overlap and the means differ by at most
-      ``parity_tolerance``; not supported if the intervals are disjoint.
-    - dirichlet_robust (FedSQ vs each baseline): supported if FedSQ's interval lies above.
-    - fewer_rounds: rounds to the highest accuracy target every seed of both methods reached
-      (else rounds to best); supported if FedSQ's interval lies below.
-    Anything else is ``not enough seeds``: the spread is too wide to decide.
-    Calibrated and equal-lr rows sit side by side, so a gap that vanishes at equal lr shows.
+    Each row pairs FedSQ and the baseline by seed (n = seeds both have) and tests the
+    per-seed differences FedSQ − baseline:
+    - iid_parity (FedSQ vs FedAvg, i.i.d.): best val acc, TOST within ± ``parity_margin``;
+      p is the larger of the two one-sided p's, p_reverse the smaller p of the difference
+      lying beyond +margin or below −margin; CI at 1 − 2·alpha (90 %).
+    - dirichlet_robust (FedSQ vs each baseline, Dirichlet): best val acc, one-sided
+      (FedSQ higher; p_reverse: FedSQ lower); CI at 1 − alpha (95 %).
+    - fewer_rounds (every split): per seed, the first round whose val_acc reaches
+      ``target_fraction`` × the lower of the two runs' best val acc (both reach it by
+      construction), from the runs' metrics.csv; one-sided (FedSQ fewer); CI at 1 − alpha.
+    p and p_reverse are Holm-adjusted over the tested rows of each claim (p_holm,
+    p_reverse_holm), and the verdict follows from them (see the module docstring).
+    Rows of every lr_mode and bn sit side by side, so a gap that vanishes under the equal-lr
+    or frozen-BatchNorm control shows.
     """
+    curves_by_cell = dict(iter(curves.groupby(CELL))) if "val_acc" in curves else {}
     rows = []
-    for (dataset, backbone, split, lr_mode), group in runs.groupby(["dataset", "backbone", "split", "lr_mode"]):
+    for cell, group in runs.groupby(CELL):
         fedsq = group[group["method"] == "fedsq"]
         if fedsq.empty:
             continue
+        cell_curves = curves_by_cell.get(cell, pd.DataFrame(columns=["method", "seed", "round", "val_acc"]))
         for baseline, other in group[group["method"] != "fedsq"].groupby("method"):
-            keys = dict(dataset=dataset, backbone=backbone, split=split, lr_mode=lr_mode, baseline=baseline)
-            if split == "iid" and baseline == "fedavg":
-                rows.append(_compare("iid_parity", "best_val_acc", fedsq, other, keys, parity_tolerance))
-            if split.startswith("dir"):
-                rows.append(_compare("dirichlet_robust", "best_val_acc", fedsq, other, keys))
-            rows.append(_compare("fewer_rounds", _rounds_metric(fedsq, other), fedsq, other, keys))
+            keys = dict(zip(CELL, cell), baseline=baseline)
+            accuracy = _paired(fedsq, other, "best_val_acc")
+            if keys["split"] == "iid" and baseline == "fedavg":
+                rows.append({"claim": "iid_parity", **keys, **_test(accuracy, "iid_parity", parity_margin, alpha)})
+            if keys["split"].startswith("dir"):
+                rows.append({"claim": "dirichlet_robust", **keys, **_test(accuracy, "dirichlet_robust", 0.0, alpha)})
+            by_method = cell_curves["method"]
+            rounds = _rounds_to_common_target(
+                cell_curves[by_method == "fedsq"], cell_curves[by_method == baseline], target_fraction
+            )
+            rows.append({"claim": "fewer_rounds", **keys, **_test(rounds, "fewer_rounds", 0.0, alpha)})
     claims = pd.DataFrame(rows, columns=CLAIM_COLUMNS)
-    return _sort(claims, by=["claim", "dataset", "backbone", "split", "baseline", "lr_mode"])
+    for claim in claims["claim"].unique():
+        tested = claims.index[(claims["claim"] == claim) & (claims["n"] >= MIN_SEEDS)]
+        claims.loc[tested, "p_holm"] = holm(claims.loc[tested, "p"].to_numpy(float))
+        claims.loc[tested, "p_reverse_holm"] = holm(claims.loc[tested, "p_reverse"].to_numpy(float))
+    claims["verdict"] = np.select(
+        [claims["n"] < MIN_SEEDS, claims["p_holm"] < alpha, claims["p_reverse_holm"] < alpha],
+        [TOO_FEW, SUPPORTED, CONTRADICTED],
+        INCONCLUSIVE,
+    )
+    return _sort(claims, by=["claim", *CELL[:3], "baseline", *CELL[3:]])
 
 
-def _rounds_metric(fedsq: pd.DataFrame, other: pd.DataFrame) -> str:
-    both = pd.concat([fedsq, other])
-    reached_by_all = [c for c in both.columns if c.startswith("rounds_to_") and both[c].notna().all()]
-    return max(reached_by_all, key=lambda c: float(c.removeprefix("rounds_to_")), default="best_round")
+def _paired(fedsq: pd.DataFrame, other: pd.DataFrame, column: str) -> pd.DataFrame:
+    """One row per seed that both methods have, columns fedsq and baseline."""
+    sides = {"fedsq": fedsq.groupby("seed")[column].mean(), "baseline": other.groupby("seed")[column].mean()}
+    return pd.concat(sides, axis=1).dropna()
 
 
-def _compare(claim: str, metric: str, fedsq: pd.DataFrame, other: pd.DataFrame, keys: dict, tolerance=None) -> dict:
-    a, b = fedsq[metric].dropna(), other[metric].dropna()
-    row = {"claim": claim, **keys, "metric": metric}
-    row.update(fedsq_mean=a.mean(), fedsq_std=a.std(), fedsq_n=len(a))
-    row.update(baseline_mean=b.mean(), baseline_std=b.std(), baseline_n=len(b))
-    row.update(fedsq_last3_mean=fedsq["last3_val_acc"].mean(), baseline_last3_mean=other["last3_val_acc"].mean())
-    row["verdict"] = _verdict(claim, a, b, tolerance)
+def _rounds_to_common_target(fedsq: pd.DataFrame, other: pd.DataFrame, fraction: float) -> pd.DataFrame:
+    """Per seed both methods have curves for: rounds each needs to reach a common target.
+
+    The target is ``fraction`` × the lower of the two best val accs, so both reach it. A run
+    that never improved on round 0 reaches it at round 0 or later, never "faster" for having
+    peaked early.
+    """
+    a, b = _val_curves(fedsq), _val_curves(other)
+    rows = {}
+    for seed in sorted(a.keys() & b.keys()):
+        target = fraction * min(a[seed].max(), b[seed].max())
+        rows[seed] = {side: _first_reaching(curve[seed], target) for side, curve in [("fedsq", a), ("baseline", b)]}
+    return pd.DataFrame.from_dict(rows, orient="index", columns=["fedsq", "baseline"], dtype=float)
+
+
+def _first_reaching(curve: pd.Series, target: float) -> int:
+    return curve.index[curve.to_numpy() >= target][0]
+
+
+def _val_curves(curves: pd.DataFrame) -> dict[str, pd.Series]:
+    """seed -> val_acc indexed by round, measured rounds only."""
+    measured = curves.dropna(subset=["val_acc"]).sort_values("round")
+    return {seed: group.set_index("round")["val_acc"] for seed, group in measured.groupby("seed") if len(group)}
+
+
+def _test(pairs: pd.DataFrame, claim: str, margin: float, alpha: float) -> dict:
+    """Means, mean difference, its CI and the claim's and the reverse test's p on paired values."""
+    # Accuracies and rounds are far coarser than 1e-12: rounding drops float noise that would
+    # otherwise pass for a spread between seeds whose differences are equal.
+    d = np.round((pairs["fedsq"] - pairs["baseline"]).to_numpy(float), 12)
+    row = dict(measure="best_val_acc" if claim != "fewer_rounds" else "rounds_to_target", n=len(d))
+    row.update(fedsq_mean=pairs["fedsq"].mean(), baseline_mean=pairs["baseline"].mean())
+    row["diff_mean"] = d.mean() if len(d) else np.nan
+    level = 1 - 2 * alpha if claim == "iid_parity" else 1 - alpha
+    row["ci_level"] = level
+    if len(d) < MIN_SEEDS:
+        return row
+
+    constant = np.ptp(d) == 0
+    with warnings.catch_warnings():
+        if constant:  # t is ±inf (p 0 or 1) or 0/0 (p NaN: no evidence either way); scipy warns
+            warnings.simplefilter("ignore", RuntimeWarning)
+
+        def p(popmean: float, alternative: str) -> float:
+            return float(stats.ttest_1samp(d, popmean, alternative=alternative).pvalue)
+
+        if claim == "iid_parity":  # TOST: inside (−margin, +margin) vs beyond either end
+            row["p"] = max(p(-margin, "greater"), p(margin, "less"))
+            row["p_reverse"] = min(p(margin, "greater"), p(-margin, "less"))
+        else:
+            worse = {"greater": "less", "less": "greater"}[BETTER[claim]]
+            row["p"], row["p_reverse"] = p(0.0, BETTER[claim]), p(0.0, worse)
+        ci = (d[0], d[0]) if constant else stats.ttest_1samp(d, 0.0).confidence_interval(level)
+    row["ci_low"], row["ci_high"] = float(ci[0]), float(ci[1])
     return row
 
 
-def _verdict(claim: str, fedsq: pd.Series, baseline: pd.Series, tolerance: float | None) -> str:
-    if len(fedsq) < 2 or len(baseline) < 2:
-        return NOT_ENOUGH
-    lo_a, hi_a = fedsq.mean() - fedsq.std(), fedsq.mean() + fedsq.std()
-    lo_b, hi_b = baseline.mean() - baseline.std(), baseline.mean() + baseline.std()
-    if claim == "iid_parity":
-        if hi_a < lo_b or hi_b < lo_a:
-            return NOT_SUPPORTED
-        return SUPPORTED if abs(fedsq.mean() - baseline.mean()) <= tolerance else NOT_ENOUGH
-    better, worse = (lo_a > hi_b, hi_a < lo_b) if claim == "dirichlet_robust" else (hi_a < lo_b, lo_a > hi_b)
-    return SUPPORTED if better else NOT_SUPPORTED if worse else NOT_ENOUGH
+def holm(p: np.ndarray) -> np.ndarray:
+    """Holm's step-down adjustment of one family of p-values; a NaN p counts as 1 and stays NaN."""
+    p = np.asarray(p, dtype=float)
+    m = len(p)
+    order = np.argsort(np.nan_to_num(p, nan=1.0), kind="stable")
+    scaled = (m - np.arange(m)) * np.nan_to_num(p[order], nan=1.0)
+    adjusted = np.empty(m)
+    adjusted[order] = np.minimum(1.0, np.maximum.accumulate(scaled))
+    adjusted[np.isnan(p)] = np.nan
+    return adjusted
+
+
+def claims_legend(parity_margin: float, target_fraction: float, alpha: float) -> str:
+    """The two lines above the claims table in claims.md: how to read it."""
+    margin, level = f"±{100 * parity_margin:g} points", f"{1 - 2 * alpha:.0%} CI"
+    return (
+        "Paired by seed (same partition and client sampling): n = seeds both methods ran;"
+        " difference = FedSQ − baseline per seed (accuracies in percentage points;"
+        f" rounds = first round reaching {100 * target_fraction:g}% of the lower of the two runs' best val acc);"
+        " p = one-sided paired t-test that FedSQ is better (parity: TOST within"
+        f" {margin}), Holm-adjusted over the rows of each claim; CIs unadjusted.  \n"
+        f"Verdicts: supported = Holm-adjusted p < {alpha:g} (parity: before Holm, the same as the {level} inside"
+        f" {margin}); contradicted = the opposite test significant after Holm (FedSQ worse; parity: the {level}"
+        f" outside {margin}); inconclusive = neither; too few seeds = fewer than {MIN_SEEDS} paired seeds."
+    )
 
 
 def claims_display(claims: pd.DataFrame) -> pd.DataFrame:
-    """Claims as readable strings: accuracies in percent, rounds as rounds, n seeds beside each."""
+    """Claims as readable strings: accuracies in percentage points, rounds as rounds."""
     shown = pd.DataFrame({"claim": claims["claim"].map(CLAIMS)})
     shown[["dataset", "backbone", "split", "baseline"]] = claims[["dataset", "backbone", "split", "baseline"]]
-    shown["lr"] = claims["lr_mode"]
-    shown["measure"] = claims["metric"].map(_metric_label)
-    for side, header in [("fedsq", "fedsq"), ("baseline", "baseline value")]:
-        stats = zip(claims[f"{side}_mean"], claims[f"{side}_std"], claims[f"{side}_n"], claims["metric"])
-        shown[header] = [f"{_mean_std(m, s, 100.0 if k in ACCURACIES else 1.0)} (n={n})" for m, s, n, k in stats]
-    shown["last-3 val acc (%) fedsq / baseline"] = [
-        f"{_mean_std(a, np.nan, 100)} / {_mean_std(b, np.nan, 100)}"
-        for a, b in zip(claims["fedsq_last3_mean"], claims["baseline_last3_mean"])
+    shown["lr"], shown["bn"] = claims["lr_mode"], claims["bn"]
+    shown["measure"] = claims["measure"].map(
+        {"best_val_acc": "best val acc (%)", "rounds_to_target": "rounds to target"}
+    )
+    shown["n"] = claims["n"]
+    scale = np.where(claims["measure"] == "best_val_acc", 100.0, 1.0)
+    shown["fedsq mean"] = [_number(v * k) for v, k in zip(claims["fedsq_mean"], scale)]
+    shown["baseline mean"] = [_number(v * k) for v, k in zip(claims["baseline_mean"], scale)]
+    shown["difference"] = [_number(v * k, "+.1f") for v, k in zip(claims["diff_mean"], scale)]
+    shown["CI"] = [
+        "–" if pd.isna(lo) else f"{level:.0%} [{lo * k:+.1f}, {hi * k:+.1f}]"
+        for level, lo, hi, k in zip(claims["ci_level"], claims["ci_low"], claims["ci_high"], scale)
     ]
+    shown["p"] = claims["p"].map(_p_value)
+    shown["p Holm"] = claims["p_holm"].map(_p_value)
     shown["verdict"] = claims["verdict"]
     return shown
 
 
-def _metric_label(metric: str) -> str:
-    if metric.startswith("rounds_to_"):
-        return f"rounds to {float(metric.removeprefix('rounds_to_')):.0%} val acc"
-    return SUMMARY_METRICS[metric].removesuffix(" (%)")
+def _number(value: float, spec: str = ".1f") -> str:
+    return "–" if pd.isna(value) else format(value, spec)
+
+
+def _p_value(p: float) -> str:
+    return "–" if pd.isna(p) else "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 # --- plots -----------------------------------------------------------------------------------
@@ -325,17 +467,29 @@ def _seed_band(ax, curves: pd.DataFrame, column: str, color, linestyle: str, lab
     ax.fill_between(stats.index, stats["min"], stats["max"], color=color, alpha=0.15, linewidth=0)
 
 
+def _arm_label(method: str, lr_mode: str, bn: str) -> str:
+    """fedsq, fedsq (equal lr), fedsq (bn frozen), fedsq (equal lr, bn frozen)."""
+    notes = ([] if lr_mode == "calibrated" else [f"{lr_mode} lr"]) + ([] if bn == DEFAULT_BN else [f"bn {bn}"])
+    return f"{method} ({', '.join(notes)})" if notes else method
+
+
+def _arm_linestyle(lr_mode: str, bn: str) -> str:
+    """Solid: calibrated lr; dashed: equal lr; dotted and dash-dotted: the same with non-default BatchNorm."""
+    if bn == DEFAULT_BN:
+        return "-" if lr_mode == "calibrated" else "--"
+    return ":" if lr_mode == "calibrated" else "-."
+
+
 def plot_curves(curves: pd.DataFrame, column: str, ylabel: str):
-    """One panel per backbone × split, one line per method (dashed: equal-lr control), seed band."""
+    """One panel per backbone × split, one line per method and arm (see _arm_linestyle), seed band."""
     curves = _measured(curves, column)
     if curves.empty:
         return _no_data_figure(f"no {column} in any metrics.csv")
     fig, axes, rows, splits = _panels(curves)
     colors = _method_colors(curves["method"])
-    for (dataset, backbone, split, method, lr_mode), group in curves.groupby(GROUP):
+    for (dataset, backbone, split, method, lr_mode, bn), group in _sort(curves).groupby(GROUP, sort=False):
         ax = axes[rows.index((dataset, backbone)), splits.index(split)]
-        label = method if lr_mode == "calibrated" else f"{method} ({lr_mode} lr)"
-        _seed_band(ax, group, column, colors[method], LR_MODE_STYLE.get(lr_mode, ":"), label)
+        _seed_band(ax, group, column, colors[method], _arm_linestyle(lr_mode, bn), _arm_label(method, lr_mode, bn))
     _finish(fig, axes, "round", ylabel, f"{ylabel} per round: mean over seeds, band = min–max")
     return fig
 
@@ -343,14 +497,16 @@ def plot_curves(curves: pd.DataFrame, column: str, ylabel: str):
 def plot_gate_agreement(curves: pd.DataFrame):
     """Gate agreement with the pretrained gates, with the model's own BN statistics and the pretrained ones.
 
-    Shown for the calibrated runs only (the equal-lr controls would double the lines).
+    Shown for the calibrated runs with the default BatchNorm handling only, where a grid has
+    them (the controls would double the lines).
     """
     own, pretrained = "gate_agreement", "gate_agreement_pretrained_bn"
     curves = _measured(curves, own)
     if curves.empty:
         return _no_data_figure("no gate agreement in any metrics.csv (eval.drift_every: 0?)")
-    modes = curves["lr_mode"].unique()
-    curves = curves[curves["lr_mode"] == ("calibrated" if "calibrated" in modes else modes[0])]
+    for key, main in [("lr_mode", "calibrated"), ("bn", DEFAULT_BN)]:
+        modes = curves[key].unique()
+        curves = curves[curves[key] == (main if main in modes else modes[0])]
     fig, axes, rows, splits = _panels(curves)
     colors = _method_colors(curves["method"])
     for (dataset, backbone, split, method), group in curves.groupby(["dataset", "backbone", "split", "method"]):
@@ -364,7 +520,10 @@ def plot_gate_agreement(curves: pd.DataFrame):
 
 
 def plot_best_acc_bars(results: pd.DataFrame):
-    """Best validation accuracy per split and method, error bars = std over seeds; hatched = equal lr."""
+    """Best validation accuracy per split and method, error bars = std over seeds.
+
+    Hatched: equal lr (//) and non-default BatchNorm (..).
+    """
     fig, axes = plt.subplots(
         1, results.groupby(["dataset", "backbone"]).ngroups,
         figsize=(max(0.5 * len(results) + 3.0, 7.0), 4.4), squeeze=False, sharey=True, layout="constrained",
@@ -372,15 +531,17 @@ def plot_best_acc_bars(results: pd.DataFrame):
     colors = _method_colors(results["method"])
     for ax, ((dataset, backbone), panel) in zip(axes[0], results.groupby(["dataset", "backbone"])):
         splits = sorted(panel["split"].unique(), key=_split_order)
-        bars = panel[["method", "lr_mode"]].drop_duplicates().pipe(_sort)
+        arms = ["method", "lr_mode", "bn"]
+        bars = panel[arms].drop_duplicates().pipe(_sort)
         width = 0.8 / len(bars)
-        for k, (method, lr_mode) in enumerate(bars.itertuples(index=False)):
-            rows = panel[(panel["method"] == method) & (panel["lr_mode"] == lr_mode)].set_index("split").reindex(splits)
-            label = method if lr_mode == "calibrated" else f"{method} ({lr_mode} lr)"
+        for k, (method, lr_mode, bn) in enumerate(bars.itertuples(index=False)):
+            arm = (panel[arms] == [method, lr_mode, bn]).all(axis=1)
+            rows = panel[arm].set_index("split").reindex(splits)
+            hatch = ("//" if lr_mode != "calibrated" else "") + (".." if bn != DEFAULT_BN else "")
             ax.bar(
                 np.arange(len(splits)) + (k - (len(bars) - 1) / 2) * width, rows["best_val_acc_mean"], width,
                 yerr=rows["best_val_acc_std"], capsize=3, color=colors[method],
-                hatch="//" if lr_mode != "calibrated" else None, edgecolor="white", label=label,
+                hatch=hatch or None, edgecolor="white", label=_arm_label(method, lr_mode, bn),
             )
         ax.set_xticks(range(len(splits)), splits)
         ax.set_title(f"{dataset} · {backbone}", fontsize=10)

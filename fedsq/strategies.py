@@ -7,8 +7,8 @@ and calls these hooks, in this order, around the local training of each sampled 
 - ``bind(model)``: allocate server state shaped like the trainable parameters; once per run.
 - ``client_begin(model, client, round, global_state)``: the model holds the global state.
 - ``client_grad(params)``: after backward, before the optimizer step (proximal term, SCAFFOLD).
-- ``client_end(model, client, round, steps, step_size, global_state)``: after local training;
-  ``step_size`` is the local optimizer's effective step (lr / (1 - momentum)).
+- ``client_end(model, client, round, steps, lr, momentum, global_state)``: after local
+  training, which took ``steps`` steps of a fresh ``torch.optim.SGD(lr=lr, momentum=momentum)``.
 - ``server_update(global_state, average)``: the new global state from the sample-weighted
   average of the clients' states (``WeightedAverage``).
 
@@ -198,7 +198,7 @@ class FedAvg:
             for p, anchor in zip(params, self._anchor):
                 p.grad.add_(p.detach() - anchor, alpha=self.mu)
 
-    def client_end(self, model: nn.Module, client: int, round: int, steps: int, step_size: float,
+    def client_end(self, model: nn.Module, client: int, round: int, steps: int, lr: float, momentum: float,
                    global_state: dict) -> None:
         pass
 
@@ -234,13 +234,25 @@ class FedSQ(FedAvg):
         return DualCopy(model, gate_maxpool=self.gate_maxpool)
 
 
+def displacement_per_gradient(steps: int, lr: float, momentum: float) -> float:
+    """How far ``steps`` steps of torch's momentum SGD move a parameter per unit of a constant
+    gradient: its buffer starts at the first gradient and after k steps holds
+    g·(1 + β + … + β^(k-1)) = g·(1 - β^k)/(1 - β), and each step moves lr·buffer.
+
+    lr·K for plain SGD. The steady-state lr·K/(1 - β) overstates it most for few steps
+    (1/(1 - β) = 10× at K = 1, β = 0.9), and SCAFFOLD's c_i would be as many times too small.
+    """
+    return lr * sum(1 - momentum**k for k in range(1, steps + 1)) / (1 - momentum)
+
+
 class Scaffold(FedAvg):
     """Karimireddy et al. 2020, option II control variates.
 
-    Local gradients are corrected by (c - c_i); after K local steps of effective size η the
-    client's variate becomes c_i⁺ = c_i - c + (x - y_i)/(Kη) (exact for plain SGD; with
-    momentum β, η = lr/(1-β) is the steady-state step), and the server moves c by the sum of
-    the clients' changes over the number of all clients. c_i lives in the ClientStore.
+    Local gradients are corrected by (c - c_i); after local training the client's variate
+    becomes c_i⁺ = c_i - c + (x - y_i)/D, where D = ``displacement_per_gradient`` (Kη for K
+    plain SGD steps of size η), so that a constant gradient is recovered exactly; the server
+    moves c by the sum of the clients' changes over the number of all clients. c_i lives in
+    the ClientStore.
     """
 
     name = "scaffold"
@@ -267,11 +279,12 @@ class Scaffold(FedAvg):
         for p, correction in zip(params, self._correction):
             p.grad.add_(correction)
 
-    def client_end(self, model: nn.Module, client: int, round: int, steps: int, step_size: float,
+    def client_end(self, model: nn.Module, client: int, round: int, steps: int, lr: float, momentum: float,
                    global_state: dict) -> None:
+        divisor = displacement_per_gradient(steps, lr, momentum)
         new_c_i = {}
         for name, p in trainable(model):
-            new_c_i[name] = self._c_i[name] - self.c[name] + (global_state[name] - p.detach()) / (steps * step_size)
+            new_c_i[name] = self._c_i[name] - self.c[name] + (global_state[name] - p.detach()) / divisor
             self._delta[name] += new_c_i[name] - self._c_i[name]
         self.store.put(client, round, new_c_i)
 
@@ -290,34 +303,34 @@ class Scaffold(FedAvg):
 
 
 class _ServerOptimizer(FedAvg):
-    """Reddi et al. 2021 (Adaptive Federated Optimization): the server treats
-    global - average as a gradient of its trainable parameters and steps a torch optimizer
-    on them; buffers (BatchNorm statistics) take the average as in FedAvg."""
+    """Reddi et al. 2021 (Adaptive Federated Optimization), Algorithm 2: the server moves each
+    trainable parameter by a function of Δ = average - global (the pseudo-gradient is -Δ) and
+    of per-parameter buffers, which the checkpoint keeps; other entries (BatchNorm statistics)
+    take the average as in FedAvg."""
 
     def bind(self, model: nn.Module) -> None:
-        self._params = {name: nn.Parameter(p.detach().clone()) for name, p in trainable(model)}
-        self.optimizer = self.make_optimizer(list(self._params.values()))
+        self.buffers = {name: self.initial_buffers(p.detach()) for name, p in trainable(model)}
 
-    def make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    def initial_buffers(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def step(self, delta: torch.Tensor, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The move of one parameter; updates its ``buffers`` in place."""
         raise NotImplementedError
 
     def server_update(self, global_state: dict, average: dict) -> dict:
         new_state = dict(average)
-        with torch.no_grad():
-            for name, p in self._params.items():
-                p.copy_(global_state[name])
-                p.grad = global_state[name] - average[name]
-        self.optimizer.step()
-        for name, p in self._params.items():
-            new_state[name] = p.detach().clone()
-            p.grad = None
+        for name, buffers in self.buffers.items():
+            new_state[name] = global_state[name] + self.step(average[name] - global_state[name], buffers)
         return new_state
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict()}
+        return {"buffers": self.buffers}
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        for name, buffers in state["buffers"].items():
+            for key, value in buffers.items():
+                self.buffers[name][key].copy_(value)
 
 
 class FedAvgM(_ServerOptimizer):
@@ -329,12 +342,21 @@ class FedAvgM(_ServerOptimizer):
         super().__init__(options, store, num_clients)
         self.server_lr, self.momentum = float(options.get("server_lr") or 1.0), float(options["server_momentum"])
 
-    def make_optimizer(self, params):
-        return torch.optim.SGD(params, lr=self.server_lr, momentum=self.momentum)
+    def initial_buffers(self, p):
+        return {"m": torch.zeros_like(p)}
+
+    def step(self, delta, buffers):
+        # torch.optim.SGD's momentum on the pseudo-gradient -Δ (its buffer starts at the first one)
+        return self.server_lr * buffers["m"].mul_(self.momentum).add_(delta)
 
 
 class FedAdam(_ServerOptimizer):
-    """Reddi et al. 2021: server Adam (``server_lr``, ``betas``, ``tau`` as Adam's epsilon)."""
+    """Reddi et al. 2021, Algorithm 2's FedAdam (``server_lr`` η, ``betas``, ``tau`` τ):
+    m_t = β1·m_{t-1} + (1-β1)·Δ_t, v_t = β2·v_{t-1} + (1-β2)·Δ_t², x_{t+1} = x_t + η·m_t/(√v_t + τ).
+
+    No bias correction, as published: torch.optim.Adam's would rescale the k-th server step by
+    √(1-β2^k)/(1-β1^k) (0.74 at the second with betas 0.9, 0.99).
+    """
 
     name = "fedadam"
 
@@ -343,8 +365,16 @@ class FedAdam(_ServerOptimizer):
         self.server_lr, self.betas, self.tau = (
             float(options.get("server_lr") or 0.01), tuple(options["betas"]), float(options["tau"]))
 
-    def make_optimizer(self, params):
-        return torch.optim.Adam(params, lr=self.server_lr, betas=self.betas, eps=self.tau)
+    def initial_buffers(self, p):
+        # Algorithm 2 starts from m_{-1} = 0 and requires v_{-1} ≥ τ²: τ², its least value, is
+        # the start closest to v = 0 that it allows (and it decays by β2 each round).
+        return {"m": torch.zeros_like(p), "v": torch.full_like(p, self.tau**2)}
+
+    def step(self, delta, buffers):
+        beta1, beta2 = self.betas
+        m = buffers["m"].mul_(beta1).add_(delta, alpha=1 - beta1)
+        v = buffers["v"].mul_(beta2).addcmul_(delta, delta, value=1 - beta2)
+        return self.server_lr * m / (v.sqrt() + self.tau)
 
 
 METHODS: dict[str, type[FedAvg]] = {cls.name: cls for cls in (FedAvg, FedProx, FedSQ, Scaffold, FedAvgM, FedAdam)}

@@ -1,43 +1,69 @@
-"""Report: tables equal hand-computed seed statistics, claim verdicts, plots and robustness."""
+"""Report: tables equal hand-computed seed statistics, paired claim verdicts, plots and robustness."""
 
+import inspect
 import json
 import statistics
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
+from scipy import stats
 
-from fedsq import report
+from fedsq import cli, report
+
+SCHEMA = Path(__file__).parents[1] / "workflow" / "schemas" / "config.schema.yaml"
 
 
-def make_run(root, method, split, seed, best, *, backbone="resnet18", lr_mode="calibrated", rounds_to=None, rounds=5):
-    """A run folder as the engine writes it: summary.json and metrics.csv whose val_acc peaks at `best`."""
-    folder = root / ("runs" if lr_mode == "calibrated" else "control") / backbone / split / method / f"seed{seed}"
+def make_run(
+    root, method, split, seed, best=None, *, val=None, backbone="resnet18", lr_mode="calibrated", bn=None,
+    rounds_to=None, rounds=5,
+):
+    """A run folder as the engine writes it: summary.json and metrics.csv.
+
+    val_acc per round is `val` when given, else a straight rise from 0.1 to `best`; `bn` goes
+    into the tags when given (absent: the report falls back on the config, then on "pooled").
+    """
+    folder = root / ("runs" if lr_mode == "calibrated" else "control") / f"bn-{bn}" / backbone / split / method
+    folder = folder / f"seed{seed}"
     folder.mkdir(parents=True)
-    val = np.linspace(0.1, best, rounds + 1)
+    val = np.linspace(0.1, best, rounds + 1) if val is None else np.asarray(val, dtype=float)
     pd.DataFrame(
         {
-            "round": range(rounds + 1),
+            "round": range(len(val)),
             "val_acc": val,
             "test_acc": val - 0.01,
-            "gate_agreement": np.linspace(1.0, 0.8, rounds + 1),
-            "gate_agreement_pretrained_bn": np.linspace(1.0, 0.95, rounds + 1),
+            "gate_agreement": np.linspace(1.0, 0.8, len(val)),
+            "gate_agreement_pretrained_bn": np.linspace(1.0, 0.95, len(val)),
         }
     ).to_csv(folder / "metrics.csv", index=False)
+    best, best_round = float(val.max()), int(val.argmax())
+    tags = dict(dataset="digits", backbone=backbone, split=split, method=method, seed=str(seed), lr_mode=lr_mode)
     content = {
         "best_val_acc": best,
-        "best_round": rounds,
+        "best_round": best_round,
         "test_acc_at_best": best - 0.01,
-        "final_val_acc": best,
-        "final_test_acc": best - 0.01,
+        "final_val_acc": float(val[-1]),
+        "final_test_acc": float(val[-1]) - 0.01,
         "last3_val_acc": float(val[-3:].mean()),
         "rounds_to_target": rounds_to if rounds_to is not None else {"0.6": 2, "0.7": None},
-        "rounds": rounds,
-        "tags": dict(dataset="digits", backbone=backbone, split=split, method=method, seed=str(seed), lr_mode=lr_mode),
+        "rounds": len(val) - 1,
+        "tags": tags | ({"bn": bn} if bn is not None else {}),
         "config": {"dataset": "digits", "backbone": backbone, "method": {"name": method}, "seed": seed},
     }
     (folder / "summary.json").write_text(json.dumps(content))
     return folder
+
+
+def claims_of(runs, **kwargs):
+    return report.claims_table(*report.load_runs(runs), **kwargs)
+
+
+def pair_runs(root, split, fedsq, baseline, name="fedavg", **kwargs):
+    """Run folders of FedSQ and one baseline, seed i with best val acc fedsq[i] / baseline[i]."""
+    runs = [make_run(root, "fedsq", split, s, b, **kwargs) for s, b in enumerate(fedsq)]
+    return runs + [make_run(root, name, split, s, b, **kwargs) for s, b in enumerate(baseline)]
 
 
 def test_results_table_equals_hand_computed_statistics(tmp_path):
@@ -50,7 +76,7 @@ def test_results_table_equals_hand_computed_statistics(tmp_path):
 
     table = pd.read_csv(tmp_path / "out" / "tables" / "results.csv")
     fedsq = table[table["method"] == "fedsq"].iloc[0]
-    assert fedsq["n_seeds"] == 3
+    assert fedsq["n_seeds"] == 3 and fedsq["bn"] == "pooled"
     assert fedsq["best_val_acc_mean"] == pytest.approx(statistics.mean(bests))
     assert fedsq["best_val_acc_std"] == pytest.approx(statistics.stdev(bests))
     assert fedsq["rounds_to_0.6_mean"] == pytest.approx(2.5)  # the seed that never reached 0.6 is not averaged
@@ -69,57 +95,220 @@ def test_results_table_equals_hand_computed_statistics(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("claim_split", "fedsq", "fedavg", "verdict"),
+    ("fedsq", "fedavg", "verdict"),
     [
-        ("dir0.1", [0.80, 0.82], [0.70, 0.72], "supported"),
-        ("dir0.1", [0.70, 0.72], [0.80, 0.82], "not supported"),
-        ("dir0.1", [0.70, 0.80], [0.72, 0.78], "not enough seeds"),  # intervals overlap
-        ("dir0.1", [0.80], [0.70], "not enough seeds"),  # one seed
-        ("iid", [0.80, 0.81], [0.80, 0.82], "supported"),  # overlap, means 0.5 points apart
-        ("iid", [0.70, 0.71], [0.80, 0.81], "not supported"),
-        ("iid", [0.60, 0.90], [0.70, 0.95], "not enough seeds"),  # overlap but means 7.5 points apart
+        # Half a point apart in every seed: significantly different, yet well inside ±1.5 points.
+        ([0.900, 0.901, 0.902], [0.905, 0.906, 0.907], "supported"),
+        ([0.900, 0.911, 0.897, 0.905], [0.905, 0.903, 0.902, 0.910], "supported"),
+        ([0.60, 0.90], [0.55, 0.93], "too few seeds"),
+        ([0.60, 0.90, 0.75], [0.55, 0.93, 0.80], "inconclusive"),  # seeds spread far wider than the margin
+        ([0.80, 0.81, 0.82], [0.85, 0.87, 0.86], "contradicted"),  # 5 points apart in every seed
     ],
 )
-def test_accuracy_claim_verdicts(tmp_path, claim_split, fedsq, fedavg, verdict):
-    runs = [make_run(tmp_path, "fedsq", claim_split, s, b) for s, b in enumerate(fedsq)]
-    runs += [make_run(tmp_path, "fedavg", claim_split, s, b) for s, b in enumerate(fedavg)]
-    claims = report.claims_table(report.load_runs(runs)[0])
-    claim = "iid_parity" if claim_split == "iid" else "dirichlet_robust"
-    row = claims[claims["claim"] == claim].iloc[0]
+def test_iid_parity_is_an_equivalence_test_on_paired_seeds(tmp_path, fedsq, fedavg, verdict):
+    claims = claims_of(pair_runs(tmp_path, "iid", fedsq, fedavg))
+    row = claims[claims["claim"] == "iid_parity"].iloc[0]
     assert row["verdict"] == verdict
-    assert row["fedsq_mean"] == pytest.approx(np.mean(fedsq))
-    assert row["baseline_n"] == len(fedavg)
+    diff = np.round(np.subtract(fedsq, fedavg), 12)
+    assert row["n"] == len(fedsq)
+    assert (row["fedsq_mean"], row["baseline_mean"]) == (pytest.approx(np.mean(fedsq)), pytest.approx(np.mean(fedavg)))
+    assert row["diff_mean"] == pytest.approx(diff.mean())
+    assert row["ci_level"] == pytest.approx(0.90)
+    if len(fedsq) < 3:
+        assert np.isnan(row["p"]) and np.isnan(row["ci_low"])
+        return
+    if np.ptp(diff) == 0:  # every seed the same difference: the interval is that difference
+        assert (row["ci_low"], row["ci_high"]) == (pytest.approx(diff[0]), pytest.approx(diff[0]))
+        return
+    tost = max(
+        stats.ttest_1samp(diff, -0.015, alternative="greater").pvalue,
+        stats.ttest_1samp(diff, 0.015, alternative="less").pvalue,
+    )
+    ci = stats.ttest_rel(fedsq, fedavg).confidence_interval(0.90)
+    assert (row["ci_low"], row["ci_high"]) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    assert row["p"] == pytest.approx(tost)
+    # Supported exactly when the 90 % CI lies inside the margin (one parity row: Holm changes nothing).
+    assert (row["verdict"] == "supported") == (-0.015 < ci.low and ci.high < 0.015)
 
 
-def test_rounds_claim_uses_highest_target_reached_by_all_seeds(tmp_path):
-    fedsq = [{"0.6": 1, "0.7": 2, "0.8": 4}, {"0.6": 1, "0.7": 3, "0.8": None}]
-    fedavg = [{"0.6": 3, "0.7": 5, "0.8": 6}, {"0.6": 4, "0.7": 6, "0.8": 7}]
-    runs = [make_run(tmp_path, "fedsq", "dir0.5", s, 0.8, rounds_to=r) for s, r in enumerate(fedsq)]
-    runs += [make_run(tmp_path, "fedavg", "dir0.5", s, 0.8, rounds_to=r) for s, r in enumerate(fedavg)]
-    claims = report.claims_table(report.load_runs(runs)[0])
-    row = claims[claims["claim"] == "fewer_rounds"].iloc[0]
-    assert row["metric"] == "rounds_to_0.7"  # 0.8 was missed by one fedsq seed
-    assert (row["fedsq_mean"], row["baseline_mean"]) == (2.5, 5.5)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_dirichlet_superiority_is_a_one_sided_paired_test(tmp_path, reverse):
+    baseline = [0.60, 0.70, 0.65, 0.75, 0.68]
+    fedsq = list(np.add(baseline, [0.04, 0.06, 0.05, 0.07, 0.03]))
+    if reverse:
+        fedsq, baseline = baseline, fedsq
+    row = claims_of(pair_runs(tmp_path, "dir0.1", fedsq, baseline)).query("claim == 'dirichlet_robust'").iloc[0]
+    assert row["verdict"] == ("contradicted" if reverse else "supported")
+    # Checked against scipy's paired test on the raw accuracies (the report tests differences).
+    better = stats.ttest_rel(fedsq, baseline, alternative="greater")
+    worse = stats.ttest_rel(fedsq, baseline, alternative="less")
+    ci = stats.ttest_rel(fedsq, baseline).confidence_interval(0.95)
+    assert row["n"] == 5 and row["ci_level"] == pytest.approx(0.95)
+    assert row["diff_mean"] == pytest.approx(np.mean(fedsq) - np.mean(baseline))
+    assert (row["ci_low"], row["ci_high"]) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    assert (row["p"], row["p_reverse"]) == (pytest.approx(better.pvalue), pytest.approx(worse.pvalue))
+    assert (row["p_holm"], row["p_reverse_holm"]) == (row["p"], row["p_reverse"])  # a family of one
+
+
+def test_holm_turns_a_marginal_cell_inconclusive(tmp_path):
+    baseline = [0.60, 0.70, 0.65, 0.75, 0.68]
+    gains = {
+        "dir0.1": [0.04, 0.06, 0.05, 0.07, 0.03],  # clear
+        "dir0.5": [0.02, 0.01, 0.03, -0.005, 0.02],  # p ≈ 0.03 alone
+        "dir1.0": [0.01, -0.02, 0.02, -0.01, 0.00],  # nothing
+    }
+    runs = []
+    for split, gain in gains.items():
+        runs += pair_runs(tmp_path, split, np.add(baseline, gain), baseline)
+    rows = claims_of(runs).query("claim == 'dirichlet_robust'").set_index("split")
+    p = {split: stats.ttest_1samp(gain, 0.0, alternative="greater").pvalue for split, gain in gains.items()}
+    assert p["dir0.1"] < p["dir0.5"] < 0.05 < p["dir1.0"]
+    assert rows["p"].to_dict() == pytest.approx(p)
+    # Holm by hand: sorted p times 3, 2, 1, then running maximum.
+    assert rows.loc["dir0.1", "p_holm"] == pytest.approx(3 * p["dir0.1"])
+    assert rows.loc["dir0.5", "p_holm"] == pytest.approx(max(3 * p["dir0.1"], 2 * p["dir0.5"]))
+    assert rows.loc["dir1.0", "p_holm"] == pytest.approx(min(1.0, max(2 * p["dir0.5"], p["dir1.0"])))
+    assert rows.loc["dir0.5", "p_holm"] > 0.05
+    assert rows["verdict"].to_dict() == {"dir0.1": "supported", "dir0.5": "inconclusive", "dir1.0": "inconclusive"}
+
+
+def test_holm_adjustment():
+    adjusted = report.holm([0.01, 0.04, 0.03, 0.005, np.nan])
+    # sorted 0.005, 0.01, 0.03, 0.04, NaN(=1) times 5, 4, 3, 2, 1 -> 0.025, 0.04, 0.09, 0.08 -> running max
+    np.testing.assert_allclose(adjusted[:4], [0.04, 0.09, 0.09, 0.025])
+    assert np.isnan(adjusted[4])
+
+
+# Per seed: (FedSQ val_acc per round, baseline val_acc per round, rounds each needs to reach
+# 0.95 × the lower of the two bests), worked out by hand.
+ROUNDS_CASES = [
+    ([0.2, 0.78, 0.8, 0.8], [0.2, 0.3, 0.5, 0.8], 1, 3),  # target 0.76
+    ([0.2, 0.5, 0.8, 0.8], [0.2, 0.3, 0.6, 0.79], 2, 3),  # 0.75
+    ([0.2, 0.9, 0.9, 0.9], [0.2, 0.3, 0.5, 0.6], 1, 3),  # the baseline's lower best sets 0.57
+    ([0.2, 0.5, 0.78, 0.8], [0.2, 0.5, 0.6, 0.8], 2, 3),  # 0.76
+    ([0.2, 0.8, 0.8, 0.8], [0.2, 0.5, 0.8, 0.8], 1, 2),  # 0.76
+]
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_fewer_rounds_compares_rounds_to_a_common_target_per_seed(tmp_path, reverse):
+    cases = [(b, a, rb, ra) for a, b, ra, rb in ROUNDS_CASES] if reverse else ROUNDS_CASES
+    runs = []
+    for seed, (fedsq, baseline, _, _) in enumerate(cases):
+        runs.append(make_run(tmp_path, "fedsq", "dir0.5", seed, val=fedsq))
+        runs.append(make_run(tmp_path, "fedavg", "dir0.5", seed, val=baseline))
+    row = claims_of(runs).query("claim == 'fewer_rounds'").iloc[0]
+    fedsq_rounds, baseline_rounds = [c[2] for c in cases], [c[3] for c in cases]
+    assert (row["fedsq_mean"], row["baseline_mean"]) == (np.mean(fedsq_rounds), np.mean(baseline_rounds))
+    assert row["measure"] == "rounds_to_target" and row["n"] == 5
+    assert row["p"] == pytest.approx(stats.ttest_rel(fedsq_rounds, baseline_rounds, alternative="less").pvalue)
+    ci = stats.ttest_rel(fedsq_rounds, baseline_rounds).confidence_interval(0.95)
+    assert (row["ci_low"], row["ci_high"]) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    assert row["verdict"] == ("contradicted" if reverse else "supported")
+
+
+@pytest.mark.parametrize("flat", ["fedavg", "fedsq"])
+def test_a_run_that_never_improves_is_not_faster(tmp_path, flat):
+    """Best at round 0 used to count as "best in 0 rounds": the flat method won fewer_rounds."""
+    runs = []
+    for seed in range(3):
+        improving = [0.3, 0.5 + 0.05 * seed, 0.7, 0.8]
+        never = [0.3, 0.25, 0.2 + 0.01 * seed, 0.22]  # best at round 0
+        for method in ("fedsq", "fedavg"):
+            runs.append(make_run(tmp_path, method, "dir0.1", seed, val=never if method == flat else improving))
+    row = claims_of(runs).query("claim == 'fewer_rounds'").iloc[0]
+    # Target 0.95 × 0.3: both runs reach it at round 0; neither is faster.
+    assert (row["fedsq_mean"], row["baseline_mean"], row["diff_mean"]) == (0, 0, 0)
+    assert row["verdict"] == "inconclusive"
+
+
+def test_two_seeds_are_too_few(tmp_path):
+    runs = pair_runs(tmp_path, "dir0.1", [0.90, 0.91], [0.60, 0.61])
+    claims = claims_of(runs)
+    assert list(claims["claim"]) == ["dirichlet_robust", "fewer_rounds"]
+    assert set(claims["verdict"]) == {"too few seeds"} and (claims["n"] == 2).all()
+    assert claims["p"].isna().all() and claims["p_holm"].isna().all()
+    assert claims.iloc[0]["diff_mean"] == pytest.approx(0.30)  # the numbers are still shown
+
+
+def test_seeds_are_paired_not_pooled(tmp_path):
+    # Seed 3 of FedSQ has no baseline partner: it is left out, not compared with another seed.
+    runs = pair_runs(tmp_path, "dir0.1", [0.70, 0.80, 0.90, 0.10], [0.69, 0.79, 0.88])
+    row = claims_of(runs).query("claim == 'dirichlet_robust'").iloc[0]
+    assert row["n"] == 3 and row["fedsq_mean"] == pytest.approx(0.80)
+    paired = stats.ttest_rel([0.70, 0.80, 0.90], [0.69, 0.79, 0.88], alternative="greater")
+    assert row["p"] == pytest.approx(paired.pvalue)
     assert row["verdict"] == "supported"
 
 
-def test_claims_show_equal_lr_control_beside_calibrated(tmp_path):
+def test_claims_show_equal_lr_and_bn_controls_beside_calibrated(tmp_path):
     runs = []
-    for lr_mode, gap in [("calibrated", 0.2), ("equal", 0.0)]:
-        runs += [make_run(tmp_path, "fedsq", "dir0.1", s, 0.7 + gap + 0.01 * s, lr_mode=lr_mode) for s in range(2)]
-        runs += [make_run(tmp_path, "fedavg", "dir0.1", s, 0.7 + 0.01 * s, lr_mode=lr_mode) for s in range(2)]
-        runs += [make_run(tmp_path, "fedprox", "dir0.1", s, 0.7 + 0.01 * s, lr_mode=lr_mode) for s in range(2)]
+    for lr_mode, bn, gap in [("calibrated", None, 0.2), ("equal", None, 0.0), ("calibrated", "frozen", 0.0)]:
+        for method, shift in [("fedsq", gap), ("fedavg", 0.0), ("fedprox", 0.0)]:
+            noise = [0.0, 0.01, -0.01] if method == "fedsq" else [0.0, 0.0, 0.0]
+            runs += [
+                make_run(tmp_path, method, "dir0.1", s, 0.6 + shift + 0.05 * s + noise[s], lr_mode=lr_mode, bn=bn)
+                for s in range(3)
+            ]
     report.build(runs, tmp_path / "out")
     claims = pd.read_csv(tmp_path / "out" / "tables" / "claims.csv")
     robust = claims[claims["claim"] == "dirichlet_robust"]
-    assert list(zip(robust["baseline"], robust["lr_mode"], robust["verdict"])) == [
-        ("fedavg", "calibrated", "supported"),
-        ("fedavg", "equal", "not enough seeds"),
-        ("fedprox", "calibrated", "supported"),
-        ("fedprox", "equal", "not enough seeds"),
+    assert list(zip(robust["baseline"], robust["lr_mode"], robust["bn"], robust["verdict"])) == [
+        ("fedavg", "calibrated", "pooled", "supported"),
+        ("fedavg", "calibrated", "frozen", "inconclusive"),
+        ("fedavg", "equal", "pooled", "inconclusive"),
+        ("fedprox", "calibrated", "pooled", "supported"),
+        ("fedprox", "calibrated", "frozen", "inconclusive"),
+        ("fedprox", "equal", "pooled", "inconclusive"),
     ]
+    # Holm over the six rows of the claim: the smallest p times 6.
+    assert robust["p_holm"].min() == pytest.approx(min(1.0, 6 * robust["p"].min()))
+    results = pd.read_csv(tmp_path / "out" / "tables" / "results.csv")
+    arms = set(zip(results["lr_mode"], results["bn"]))
+    assert arms == {("calibrated", "pooled"), ("equal", "pooled"), ("calibrated", "frozen")}
     markdown = (tmp_path / "out" / "tables" / "claims.md").read_text()
-    assert "FedSQ ≥ baseline under Dirichlet" in markdown and "not enough seeds" in markdown
+    assert "FedSQ > baseline under Dirichlet" in markdown and "| frozen |" in markdown
+
+
+def test_bn_arm_from_tags_then_config_then_default(tmp_path):
+    tagged = make_run(tmp_path, "fedsq", "iid", 0, 0.8, bn="frozen")
+    configured = make_run(tmp_path, "fedavg", "iid", 0, 0.8)
+    summary = json.loads((configured / "summary.json").read_text())
+    summary["config"]["bn"] = "frozen"
+    (configured / "summary.json").write_text(json.dumps(summary))
+    default = make_run(tmp_path, "fedprox", "iid", 0, 0.8)
+    runs, curves = report.load_runs([tagged, configured, default])
+    assert runs.set_index("method")["bn"].to_dict() == {"fedsq": "frozen", "fedavg": "frozen", "fedprox": "pooled"}
+    fig = report.plot_curves(curves, "val_acc", "validation accuracy")
+    lines = {line.get_label(): line.get_linestyle() for line in fig.axes[0].get_lines()}
+    assert lines == {"fedsq (bn frozen)": ":", "fedavg (bn frozen)": ":", "fedprox": "-"}
+
+
+def test_claims_settings_reach_the_verdicts_through_the_cli(tmp_path):
+    # FedSQ 3 points below FedAvg in every seed: outside ±1.5 points, inside ±5.
+    runs = pair_runs(tmp_path, "iid", [0.80, 0.85, 0.90], [0.83, 0.88, 0.93])
+    args = ["report", "--runs", *map(str, runs), "--out"]
+    assert cli.main([*args, str(tmp_path / "default")]) == 0
+    assert cli.main([*args, str(tmp_path / "wide"), "--parity-margin", "0.05", "--target-fraction", "0.9"]) == 0
+    verdicts = {}
+    for name in ("default", "wide"):
+        claims = pd.read_csv(tmp_path / name / "tables" / "claims.csv")
+        verdicts[name] = claims.set_index("claim").loc["iid_parity", "verdict"]
+    assert verdicts == {"default": "contradicted", "wide": "supported"}
+    default = (tmp_path / "default" / "tables" / "claims.md").read_text().splitlines()
+    wide = (tmp_path / "wide" / "tables" / "claims.md").read_text().splitlines()
+    assert default[0].startswith("Paired by seed") and default[1].startswith("Verdicts:") and default[2] == ""
+    assert "±1.5 points" in default[1] and "95% of the" in default[0] and "p < 0.05" in default[1]
+    assert "±5 points" in wide[1] and "90% of the" in wide[0]
+    assert cli.main([*args, str(tmp_path / "bad"), "--alpha", "0.7"]) == 2
+
+
+def test_schema_defaults_are_the_report_defaults():
+    schema = yaml.safe_load(SCHEMA.read_text())["properties"]["claims"]["properties"]
+    defaults = inspect.signature(report.build).parameters
+    pairs = {"parity_margin": "parity_margin", "rounds_target_fraction": "target_fraction", "alpha": "alpha"}
+    for key, argument in pairs.items():
+        assert schema[key]["default"] == defaults[argument].default, key
 
 
 def test_build_writes_every_table_and_plot(tmp_path):
@@ -165,12 +354,27 @@ def test_runs_missing_keys_and_curves_still_produce_tables(tmp_path):
     assert table.loc["fedsq", "lr_mode"] == "calibrated"
     assert np.isnan(table.loc["fedsq", "last3_val_acc_mean"])
     claims = pd.read_csv(tmp_path / "out" / "tables" / "claims.csv")
-    assert set(claims["verdict"]) == {"not enough seeds"}
+    assert set(claims["verdict"]) == {"too few seeds"}  # one seed a side
+
+
+def test_claims_without_curves_still_test_accuracy(tmp_path):
+    runs = pair_runs(tmp_path, "dir0.1", [0.80, 0.85, 0.90], [0.70, 0.74, 0.81])
+    for run in runs:
+        (run / "metrics.csv").unlink()
+    with pytest.warns(UserWarning) as caught:  # the plots say so
+        report.build(runs, tmp_path / "out")
+    messages = " ".join(str(w.message) for w in caught)
+    assert "no val_acc in any metrics.csv" in messages and "no gate agreement" in messages
+    claims = pd.read_csv(tmp_path / "out" / "tables" / "claims.csv").set_index("claim")
+    assert claims.loc["dirichlet_robust", "verdict"] == "supported"
+    assert (claims.loc["fewer_rounds", "n"], claims.loc["fewer_rounds", "verdict"]) == (0, "too few seeds")
 
 
 def test_no_runs_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no run folders"):
         report.build([], tmp_path / "out")
+    with pytest.raises(ValueError, match=r"alpha must lie in \(0, 0.5\), got 0.7"):
+        report.build([tmp_path], tmp_path / "out", alpha=0.7)
     with pytest.raises(FileNotFoundError, match="none of the 1 run folders has a summary.json"):
         with pytest.warns(UserWarning):
             report.build([tmp_path], tmp_path / "out")

@@ -121,7 +121,7 @@ def _client_step(strategy, model, global_state, x, y, lr=0.1, client=0, round=1)
     strategy.client_grad(params)
     opt.step()
     opt.zero_grad()
-    strategy.client_end(model, client, round, 1, lr, global_state)
+    strategy.client_end(model, client, round, 1, lr, 0.0, global_state)
 
 
 def test_proximal_gradient_equals_autograd_of_the_proximal_term():
@@ -169,6 +169,32 @@ def test_scaffold_control_variates_follow_option_two_and_live_on_disk(tmp_path):
     assert torch.allclose(params[index].grad, strategy.c[name] - c_1[name], atol=1e-6)
 
 
+@pytest.mark.parametrize("steps", [1, 3, 20])
+def test_scaffold_recovers_a_constant_gradient_through_momentum_sgd(tmp_path, steps):
+    lr, momentum = 0.05, 0.9
+    model = nn.Linear(4, 3).double()
+    x, weights = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    strategy = strategies.build(options("scaffold"), ClientStore(tmp_path), num_clients=1)
+    strategy.bind(model)
+    global_state = {k: v.clone() for k, v in model.state_dict().items()}
+    strategy.client_begin(model, 0, 1, global_state)
+    params = [p for _, p in strategies.trainable(model)]
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=0.0)
+    for _ in range(steps):
+        opt.zero_grad()
+        (model(x) * weights).sum().backward()  # linear in the parameters: a constant gradient
+        strategy.client_grad(params)
+        opt.step()
+    gradient = {"weight": weights.T @ x, "bias": weights.sum(0)}
+    strategy.client_end(model, 0, 1, steps, lr, momentum, global_state)
+    c_i = ClientStore(tmp_path).get(0, before_round=2)
+    for name, g in gradient.items():
+        assert torch.allclose(c_i[name], g, rtol=1e-9, atol=1e-12)
+        # the steady-state divisor K·lr/(1 - β) that this replaces does not recover it
+        steady = (global_state[name] - model.state_dict()[name]) / (steps * lr / (1 - momentum))
+        assert not torch.allclose(steady, g, rtol=1e-2)
+
+
 def test_scaffold_needs_a_store():
     with pytest.raises(ValueError, match="scaffold needs a ClientStore"):
         strategies.build(options("scaffold"))
@@ -191,18 +217,28 @@ def test_fedavgm_without_momentum_at_lr_one_is_fedavg_and_momentum_accumulates()
     assert torch.equal(second["1.running_mean"], first["1.running_mean"] + 1.0)  # buffers: plain average
 
 
-def test_fedadam_steps_towards_the_average_by_about_server_lr_and_checkpoints():
+def test_fedadam_follows_algorithm_two_of_reddi_et_al_and_resumes():
+    lr, (beta1, beta2), tau = 0.1, (0.9, 0.99), 1e-3
     model = tiny()
-    global_state = {k: v.clone() for k, v in model.state_dict().items()}
-    average = {k: v + 0.5 if v.is_floating_point() else v for k, v in global_state.items()}
-    strategy = strategies.build(options("fedadam", server_lr=0.01))
+    strategy = strategies.build(options("fedadam", server_lr=lr, betas=[beta1, beta2], tau=tau))
     strategy.bind(model)
-    out = strategy.server_update(global_state, average)
-    assert torch.allclose(out["0.weight"] - global_state["0.weight"], torch.full_like(out["0.weight"], 0.01), atol=1e-4)
-    clone = strategies.build(options("fedadam", server_lr=0.01))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x, m, v = state["0.weight"].clone(), torch.zeros_like(state["0.weight"]), torch.full_like(state["0.weight"], tau**2)
+    torch.manual_seed(1)
+    for _ in range(3):
+        average = {k: t + torch.randn_like(t) if t.is_floating_point() else t for k, t in state.items()}
+        delta = average["0.weight"] - x
+        m = beta1 * m + (1 - beta1) * delta
+        v = beta2 * v + (1 - beta2) * delta**2
+        x = x + lr * m / (v.sqrt() + tau)
+        state = strategy.server_update(state, average)
+        assert torch.allclose(state["0.weight"], x, atol=1e-6)
+        assert torch.equal(state["1.running_mean"], average["1.running_mean"])  # buffers: plain average
+    clone = strategies.build(options("fedadam", server_lr=lr, betas=[beta1, beta2], tau=tau))
     clone.bind(model)
     clone.load_state_dict(copy.deepcopy(strategy.state_dict()))  # as through a checkpoint file
-    a, b = strategy.server_update(out, average), clone.server_update(out, average)
+    average = {k: t + 0.5 if t.is_floating_point() else t for k, t in state.items()}
+    a, b = strategy.server_update(state, average), clone.server_update(state, average)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

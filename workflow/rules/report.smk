@@ -22,6 +22,10 @@ rule report:
         runs=lambda wildcards, input: sorted({str(Path(p).parent) for p in input.summaries}),
         partitions=lambda wildcards, input: sorted({str(Path(p).parent) for p in input.class_counts}),
         out=lambda wildcards, output: Path(output.results).parent.parent,
+        # How the claims table decides (config `claims`, see config/README.md).
+        parity_margin=config["claims"]["parity_margin"],
+        target_fraction=config["claims"]["rounds_target_fraction"],
+        alpha=config["claims"]["alpha"],
     log:
         "results/logs/report.log",
     threads: 1
@@ -29,4 +33,6 @@ rule report:
     conda:
         "../envs/fedsq.yaml"
     shell:
-        "python -m fedsq report --runs {params.runs} --partitions {params.partitions} --out {params.out} > {log} 2>&1"
+        "python -m fedsq report --runs {params.runs} --partitions {params.partitions} --out {params.out}"
+        " --parity-margin {params.parity_margin} --target-fraction {params.target_fraction} --alpha {params.alpha}"
+        " > {log} 2>&1"
