@@ -10,6 +10,18 @@ Gates are intercepted as *calls* with a ``TorchFunctionMode``, so activation mod
 functional calls are handled alike, and a module called at several places in one forward
 pass (torchvision's ``BasicBlock.relu``) gets one regime per call site: S records regimes
 in call order, Q consumes them in the same order.
+
+BatchNorm. S always normalises with its frozen pretrained statistics. Q's BatchNorm layers
+follow the run's ``bn`` policy, like every other method's. We take the default reading,
+where Q normalises with batch statistics in local training (``bn: pooled``), to be FedSQ:
+the paper changes the gates and nothing else, so FedSQ and FedAvg then differ only in the
+gating. The cost is that Q differs from S from the first training step: a batch-normalised
+Q is affine within S's regions per batch, not per sample. The other reading is
+``bn: frozen``, where Q keeps S's statistics, equals S in train mode at initialisation and is
+exactly affine within S's regions. It is an explicit option, and the evidence grid runs every
+method with it as its BatchNorm control: a FedSQ gain that also appears when every method
+freezes its statistics comes from the gating, and one that vanishes there comes from how
+BatchNorm is handled.
 """
 
 from __future__ import annotations

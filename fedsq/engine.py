@@ -312,7 +312,7 @@ def summarize(rows: list[dict], cfg: dict) -> dict:
 def _tags(cfg: dict) -> dict:
     return cfg["tags"] | {
         "dataset": cfg["dataset"], "backbone": cfg["backbone"], "split": partition.split_label(cfg["split"]),
-        "method": cfg["method"]["name"], "seed": str(cfg["seed"]),
+        "method": cfg["method"]["name"], "seed": str(cfg["seed"]), "bn": cfg["bn"],
     }
 
 
@@ -386,7 +386,7 @@ def run(cfg: dict, out_dir: Path) -> dict:
             sim = Simulation(cfg, out_dir)
             summary = _simulate(cfg, lr, fingerprint, sim, saved, outputs, tracker, out_dir, started) | {
                 "lr": lr, "lr_source": lr_source,
-                "tags": {k: tags[k] for k in ("dataset", "backbone", "split", "method", "seed", "lr_mode")},
+                "tags": {k: tags[k] for k in ("dataset", "backbone", "split", "method", "seed", "lr_mode", "bn")},
                 "config": cfg,
             }
             outputs.submit(_finish_tracking, tracker, summary, out_dir)

@@ -1,12 +1,12 @@
 # The learning-rate pick before FL: each method is calibrated in its own model form
-# (DualCopy for fedsq), so no method inherits an lr tuned for another.
+# (DualCopy for fedsq) and with its BatchNorm policy, so no method inherits an lr tuned for another.
 
 
 rule calibrate:
     input:
         unpack(calibrate_inputs),
     output:
-        calibration="results/calibration/{dataset}/{backbone}/{method}.json",
+        calibration=CALIBRATION,
     params:
         overrides=calibrate_overrides,
         lrs=" ".join(map(str, config["calibration"]["lrs"])),
@@ -14,7 +14,7 @@ rule calibrate:
         epochs=config["calibration"]["epochs"],
         rounds=config["calibration"]["rounds"],
     log:
-        "results/logs/calibrate/{dataset}/{backbone}/{method}.log",
+        "results/logs/calibrate/{dataset}/{backbone}/bn-{bn}/{method}.log",
     threads: config["resources"]["calibrate"]["threads"]
     resources:
         gpu=config["resources"]["gpu"],

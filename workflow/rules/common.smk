@@ -30,8 +30,9 @@ _RUN_KEYS = run_config.SCHEMA["properties"]
 _check_subset("datasets", config["datasets"], _RUN_KEYS["dataset"]["enum"], "a dataset")
 _check_subset("backbones", config["backbones"], _RUN_KEYS["backbone"]["enum"], "a backbone")
 _check_subset("methods", config["methods"], _RUN_KEYS["method"]["properties"]["name"]["enum"], "a method")
-for _key in ("datasets", "backbones", "splits", "seeds"):
-    _check_subset(f"control.{_key}", config["control"][_key], config[_key], "in the grid")
+for _block in ("control", "bn_control"):
+    for _key in ("datasets", "backbones", "splits", "seeds"):
+        _check_subset(f"{_block}.{_key}", config[_block][_key], config[_key], "in the grid")
 for _key, _label in [*(("splits", s) for s in config["splits"]), ("calibration.split", config["calibration"]["split"])]:
     try:
         parse_split_label(_label)
@@ -49,9 +50,10 @@ if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
     shell.prefix(f'set -euo pipefail; export PATH="{Path(sys.executable).parent}:$PATH"; ')
 
 
-# results/<set>/ holds the calibrated runs and results/control/ the equal-lr control;
-# the value is the run's tags.lr_mode.
-LR_MODES = {"runs": "calibrated", "control": "equal"}
+# results/<set>/ holds the calibrated runs, results/control/ the equal-lr control and
+# results/bn_control/ every method again with other BatchNorm statistics (bn_control.bn),
+# calibrated in that form; the value is the run's tags.lr_mode.
+LR_MODES = {"runs": "calibrated", "control": "equal", "bn_control": "calibrated"}
 
 DATA_ROOT = RUN["paths"]["data"]
 WEIGHTS_DIR = RUN["paths"]["weights"]
@@ -59,6 +61,12 @@ RUN_CONFIG = "results/config/run.yaml"
 TRACKING_READY = f"results/tracking/{config['tracking']['experiment']}.ready"
 RUN_DIR = "results/{run_set}/{dataset}/{backbone}/{split}/{method}/seed{seed}"
 PARTITION_DIR = "results/partitions/{dataset}/{split}/seed{seed}"
+CALIBRATION = "results/calibration/{dataset}/{backbone}/bn-{bn}/{method}.json"
+
+
+def run_bn(run_set):
+    """The BatchNorm policy (run config key bn) of the runs in results/<run_set>/."""
+    return config["bn_control"]["bn"] if run_set == "bn_control" else RUN["bn"]
 
 
 def _alternatives(values):
@@ -71,31 +79,30 @@ wildcard_constraints:
     backbone=_alternatives(config["backbones"]),
     split=_alternatives(set(config["splits"]) | {config["calibration"]["split"]}),
     method=_alternatives(config["methods"]),
+    bn=_alternatives(_RUN_KEYS["bn"]["enum"]),
     seed=r"\d+",
 
 
-def run_summaries():
-    """summary.json of every calibrated run and every equal-lr control run."""
-    runs = expand(
+def _grid(run_set, subset=None):
+    """summary.json of every method over the grid, or over a control's subset of it (null = all)."""
+    subset = subset or {}
+    return expand(
         f"{RUN_DIR}/summary.json",
-        run_set="runs",
-        dataset=config["datasets"],
-        backbone=list(config["backbones"]),
-        split=config["splits"],
+        run_set=run_set,
+        dataset=subset.get("datasets") or config["datasets"],
+        backbone=subset.get("backbones") or list(config["backbones"]),
+        split=subset.get("splits") or config["splits"],
         method=config["methods"],
-        seed=config["seeds"],
+        seed=subset.get("seeds") or config["seeds"],
     )
-    control = config["control"]
-    if control["enabled"]:
-        runs += expand(
-            f"{RUN_DIR}/summary.json",
-            run_set="control",
-            dataset=control["datasets"] or config["datasets"],
-            backbone=control["backbones"] or list(config["backbones"]),
-            split=control["splits"] or config["splits"],
-            method=config["methods"],
-            seed=control["seeds"] or config["seeds"],
-        )
+
+
+def run_summaries():
+    """summary.json of every calibrated run and of both controls where enabled."""
+    runs = _grid("runs")
+    for run_set in ("control", "bn_control"):
+        if config[run_set]["enabled"]:
+            runs += _grid(run_set, config[run_set])
     return runs
 
 
@@ -129,8 +136,8 @@ def fl_inputs(wildcards):
         "partition": f"{PARTITION_DIR}/partition.npz".format(**wildcards),
         "tracking": TRACKING_READY,
     }
-    if wildcards.run_set == "runs":
-        inputs["calibration"] = f"results/calibration/{wildcards.dataset}/{wildcards.backbone}/{wildcards.method}.json"
+    if LR_MODES[wildcards.run_set] == "calibrated":
+        inputs["calibration"] = CALIBRATION.format(bn=run_bn(wildcards.run_set), **wildcards)
     return inputs
 
 
@@ -164,17 +171,19 @@ def _as_set_args(settings):
 
 def calibrate_overrides(wildcards):
     calibration = config["calibration"]
-    return _as_set_args(_model_settings(wildcards, calibration["split"], calibration["seed"]))
+    settings = _model_settings(wildcards, calibration["split"], calibration["seed"])
+    return _as_set_args(settings | {"bn": wildcards.bn})
 
 
 def fl_overrides(wildcards, input):
     settings = _model_settings(wildcards, wildcards.split, int(wildcards.seed))
     settings["paths.partition"] = str(Path(input.partition).parent)
     settings["tags.lr_mode"] = LR_MODES[wildcards.run_set]
+    settings["bn"] = run_bn(wildcards.run_set)
     settings["tracking.experiment"] = config["tracking"]["experiment"]
     if config["tracking"]["uri"] is not None:
         settings["tracking.uri"] = config["tracking"]["uri"]
-    if wildcards.run_set == "runs":
+    if LR_MODES[wildcards.run_set] == "calibrated":
         settings["optimizer.lr"] = "calibrated"
         settings["calibration"] = input.calibration
     else:
