@@ -131,11 +131,12 @@ class Simulation:
         self.reference = copy.deepcopy(base).eval().requires_grad_(False)
         self.reference.to(self.device, memory_format=self.memory_format)
         client_state = Path(work_dir) / "client_state"
+        self.client_stores = (ClientStore(client_state / "method"), ClientStore(client_state / "batchnorm"))
         self.strategy = strategies.build(
-            cfg["method"], ClientStore(client_state / "method"), num_clients=cfg["split"]["num_clients"])
+            cfg["method"], self.client_stores[0], num_clients=cfg["split"]["num_clients"])
         self.model = self.strategy.wrap(base).to(self.device, memory_format=self.memory_format)
         self.strategy.bind(self.model)
-        self.bn = BatchNormPolicy(cfg["bn"], self.model, ClientStore(client_state / "batchnorm"))
+        self.bn = BatchNormPolicy(cfg["bn"], self.model, self.client_stores[1])
         self.params = [p for _, p in strategies.trainable(self.model)]
         self.probe = self.inputs(self.splits["val"][0][: cfg["eval"]["probe_size"]])
 
@@ -327,12 +328,16 @@ def _start_tracking(helper: TrackingProcess, cfg: dict, tags: dict, run_id: str 
     return tracker
 
 
-def _record_round(tracker: Future, row: dict, rows: list[dict], state: dict, out_dir: Path) -> None:
+def _record_round(tracker: Future, row: dict, rows: list[dict], state: dict, out_dir: Path,
+                  client_stores: tuple[ClientStore, ...]) -> None:
     """A finished round's MLflow metrics, metrics.csv and, last, its checkpoint: a run killed
-    before the checkpoint lands redoes the round, and the tracker skips steps already logged."""
+    before the checkpoint lands redoes the round, and the tracker skips steps already logged.
+    Client states older than the checkpoint needs are deleted only once it is on disk."""
     tracker.result().log_metrics({k: v for k, v in row.items() if k != "round"}, step=row["round"])
     write_atomic(out_dir / "metrics.csv", lambda p: pd.DataFrame(rows, columns=METRICS_COLUMNS).to_csv(p, index=False))
     checkpoint.save(out_dir / "checkpoint.pt", state | {"mlflow_run_id": tracker.result().run_id})
+    for store in client_stores:
+        store.prune(row["round"])
 
 
 def _finish_tracking(tracker: Future, summary: dict, out_dir: Path) -> None:
@@ -452,7 +457,7 @@ def _simulate(cfg: dict, lr: float, fingerprint: dict, sim: Simulation, saved: d
             "rng": checkpoint.rng_state(), "metrics": list(rows), "samples_trained": samples,
             "wall_seconds": row["wall_seconds"], "fingerprint": fingerprint,
         })
-        outputs.submit(_record_round, tracker, rows[-1], list(rows), state, out_dir)
+        outputs.submit(_record_round, tracker, rows[-1], list(rows), state, out_dir, sim.client_stores)
         outputs.check()
 
     sim.model.load_state_dict(global_state)

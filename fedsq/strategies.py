@@ -41,8 +41,9 @@ class ClientStore:
     """Per-client tensors on disk, one file per client and round.
 
     A client's state is read as "the latest version written before round r", so redoing an
-    interrupted round (resume) reads what the uninterrupted run read. Each client keeps at
-    most two versions: the one being written and the one before it.
+    interrupted round (resume) reads what the uninterrupted run read. Old versions go only
+    once a checkpoint makes them unreadable (``prune``): training may run rounds ahead of the
+    checkpoint on disk, and a version its resume still needs must outlive those rounds.
     """
 
     def __init__(self, root: Path):
@@ -67,9 +68,15 @@ class ClientStore:
         tmp = folder / f"round{round}.pt.tmp"
         torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp)
         os.replace(tmp, folder / f"round{round}.pt")
-        earlier = [v for v in self._versions(client) if v < round]
-        for stale in earlier[:-1]:
-            (folder / f"round{stale}.pt").unlink()
+
+    def prune(self, checkpointed_round: int) -> None:
+        """Delete the versions a run resumed after ``checkpointed_round`` can no longer read:
+        per client, all but the newest up to that round (later ones are kept)."""
+        for folder in self.root.glob("client*"):
+            client = int(folder.name.removeprefix("client"))
+            readable = [v for v in self._versions(client) if v <= checkpointed_round]
+            for stale in readable[:-1]:
+                (folder / f"round{stale}.pt").unlink()
 
 
 class WeightedAverage:
