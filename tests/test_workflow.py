@@ -21,6 +21,7 @@ from snakemake.utils import validate
 REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO / "config" / "config.yaml"
 OFFLINE = REPO / "config" / "offline.yaml"
+EVIDENCE = REPO / "config" / "evidence.yaml"
 CI = REPO / ".test" / "config" / "config.yaml"
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -48,7 +49,7 @@ def expected_runs(cfg: dict) -> set[str]:
     return {f"results/runs/{d}/{b}/{s}/{m}/seed{seed}/summary.json" for d, b, s, m, seed in grid}
 
 
-@pytest.mark.parametrize("configfile", [PAPER, OFFLINE, CI], ids=["paper", "offline", "ci"])
+@pytest.mark.parametrize("configfile", [PAPER, OFFLINE, EVIDENCE, CI], ids=["paper", "offline", "evidence", "ci"])
 def test_dry_run_plans_one_fl_job_per_grid_point(configfile, tmp_path):
     cfg = yaml.safe_load(configfile.read_text())
     plan = planned(configfile, tmp_path)
@@ -56,15 +57,16 @@ def test_dry_run_plans_one_fl_job_per_grid_point(configfile, tmp_path):
 
     fl = outputs_of("fl")
     assert {f for f in fl if f.startswith("results/runs/")} == expected_runs(cfg)
-    control = cfg.get("control", {})
-    assert all(f.startswith(("results/runs/", "results/control/")) for f in fl)
-    control_runs = {f for f in fl if f.startswith("results/control/")}
-    if control.get("enabled", True):
-        # Every method at the common lr, over the chosen subset of the grid.
-        subset = {key: control.get(key) or cfg[key] for key in ("datasets", "backbones", "splits", "seeds")}
-        assert len(control_runs) == len(list(itertools.product(*subset.values()))) * len(cfg["methods"])
-    else:
-        assert not control_runs
+    assert all(f.startswith(("results/runs/", "results/control/", "results/bn_control/")) for f in fl)
+    for run_set, enabled_by_default in [("control", True), ("bn_control", False)]:
+        block = cfg.get(run_set, {})
+        runs = {f for f in fl if f.startswith(f"results/{run_set}/")}
+        if block.get("enabled", enabled_by_default):
+            # Every method again, over the chosen subset of the grid.
+            subset = {key: block.get(key) or cfg[key] for key in ("datasets", "backbones", "splits", "seeds")}
+            assert len(runs) == len(list(itertools.product(*subset.values()))) * len(cfg["methods"])
+        else:
+            assert not runs
 
     assert outputs_of("data_prepare") == {f"resources/data/{d}/meta.json" for d in cfg["datasets"]}
     imagenet = [b for b, spec in cfg["backbones"].items() if spec.get("weights", "imagenet") == "imagenet"]
@@ -74,9 +76,13 @@ def test_dry_run_plans_one_fl_job_per_grid_point(configfile, tmp_path):
         f"results/partitions/{d}/{s}/seed{seed}/partition.npz"
         for d, s, seed in itertools.product(cfg["datasets"], cfg["splits"], cfg["seeds"])
     }
+    # Each method calibrated in every BatchNorm form it runs in.
+    bn_forms = {cfg.get("run", {}).get("bn", "pooled")}
+    if cfg.get("bn_control", {}).get("enabled", False):
+        bn_forms.add(cfg["bn_control"].get("bn", "frozen"))
     assert outputs_of("calibrate") == {
-        f"results/calibration/{d}/{b}/{m}.json"
-        for d, b, m in itertools.product(cfg["datasets"], cfg["backbones"], cfg["methods"])
+        f"results/calibration/{d}/{b}/bn-{bn}/{m}.json"
+        for d, b, m, bn in itertools.product(cfg["datasets"], cfg["backbones"], cfg["methods"], bn_forms)
     }
     experiment = cfg.get("tracking", {}).get("experiment", "fedsq")
     assert outputs_of("tracking_init") == {f"results/tracking/{experiment}.ready"}
@@ -101,7 +107,8 @@ def test_fl_jobs_get_their_grid_point_and_lr(tmp_path):
         "split.alpha=0.5",
         "seed=0",
         "optimizer.lr=calibrated",
-        "calibration=results/calibration/digits/resnet18/fedsq.json",
+        "calibration=results/calibration/digits/resnet18/bn-pooled/fedsq.json",
+        "bn=pooled",
         "paths.partition=results/partitions/digits/dir0.5/seed0",
         "tags.lr_mode=calibrated",
     ]:
@@ -109,6 +116,21 @@ def test_fl_jobs_get_their_grid_point_and_lr(tmp_path):
     control = commands["results/control/digits/resnet18/dir0.5/fedavg/seed0"]
     assert "--set optimizer.lr=0.05 " in control and "--set tags.lr_mode=equal " in control
     assert "calibration=" not in control
+
+
+def test_bn_control_runs_every_method_with_its_bn_and_its_own_calibration(tmp_path):
+    configfile = tmp_path / "config.yaml"
+    configfile.write_text(yaml.safe_dump(ci_config_with(lambda c: c.update(bn_control={"enabled": True}))))
+    target = "results/bn_control/digits/resnet18/dir0.5/fedsq/seed0/summary.json"
+    result = snakemake(target, "--dry-run", "--printshellcmds", "--configfile", configfile, workdir=tmp_path)
+    assert result.returncode == 0, log(result)
+    commands = [line for line in log(result).splitlines() if "fedsq run" in line or "fedsq calibrate" in line]
+    run = next(c for c in commands if "fedsq run" in c)
+    for setting in ["bn=frozen", "optimizer.lr=calibrated", "tags.lr_mode=calibrated",
+                    "calibration=results/calibration/digits/resnet18/bn-frozen/fedsq.json"]:
+        assert f"--set {setting} " in run
+    calibrate = next(c for c in commands if "fedsq calibrate" in c)
+    assert "--set bn=frozen " in calibrate and "bn-frozen/fedsq.json" in calibrate
 
 
 def ci_config_with(edit) -> dict:
