@@ -1,0 +1,50 @@
+"""The README's evidence section: written from a grid's results/, between its markers only."""
+
+import runpy
+from pathlib import Path
+
+import pytest
+
+from fedsq import report
+from tests.test_report import make_run
+
+main = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "readme_results.py"))["main"]
+
+
+def test_section_is_generated_from_the_grid_and_nothing_else_changes(tmp_path):
+    grid = tmp_path / "evidence"
+    results = grid / "results"
+    runs = []
+    for seed, (fedsq, fedavg) in enumerate([(0.90, 0.80), (0.88, 0.79), (0.91, 0.83)]):
+        runs.append(make_run(results, "fedsq", "dir0.1", seed, fedsq))
+        runs.append(make_run(results, "fedavg", "dir0.1", seed, fedavg))
+    report.build(runs, results)
+    (grid / "started").write_text("1000")
+    (grid / "finished").write_text(str(1000 + 3600 + 25 * 60))
+    readme = tmp_path / "README.md"
+    (tmp_path / "docs" / "img").mkdir(parents=True)
+    readme.write_text("# title\n\n<!-- evidence:begin -->\nold numbers\n<!-- evidence:end -->\n\n## after\n")
+
+    main([str(results), "--readme", str(readme)])
+
+    text = readme.read_text()
+    assert text.startswith("# title\n") and text.endswith("<!-- evidence:end -->\n\n## after\n")
+    assert "old numbers" not in text
+    assert "**1 h 25 min**" in text and "6 FL runs, 3 seeds" in text
+    assert (results / "tables" / "claims.md").read_text().strip() in text
+    assert "89.7 ± 1.5" in text  # FedSQ's best val acc over the three seeds, in percent
+    # The made-up curves rise in a straight line from 0.1 over 5 rounds: the last quarter
+    # (round 5) sits one step of (best - 0.1)/5 above the quarter before (round 4).
+    assert f"{100 * (0.90 + 0.88 + 0.91 - 0.3) / 15:+.1f}" in text
+    assert (tmp_path / "docs" / "img" / "evidence-val-acc.png").stat().st_size > 0
+
+
+def test_a_readme_without_markers_is_an_error(tmp_path):
+    results = tmp_path / "results"
+    runs = [make_run(results, m, "iid", 0, 0.8) for m in ("fedsq", "fedavg")]
+    report.build(runs, results)
+    (tmp_path / "docs" / "img").mkdir(parents=True)
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    with pytest.raises(SystemExit, match="markers"):
+        main([str(results), "--readme", str(readme)])
