@@ -11,6 +11,7 @@ curves, copied to docs/img/. No number in that section is typed by hand.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -47,6 +48,15 @@ def wall_time(grid_dir: Path) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min" if seconds >= 3600 else f"{seconds // 60} min"
 
 
+def calibrated_lrs(results_dir: Path) -> str:
+    """"method lr, ..." per BatchNorm form, from the calibration results the runs used."""
+    picks = {}
+    for path in sorted(results_dir.glob("calibration/*/*/bn-*/*.json")):
+        picks.setdefault(path.parent.name.removeprefix("bn-"), []).append(
+            f"{path.stem} {json.loads(path.read_text())['lr']:g}")
+    return "; ".join(f"bn {bn}: {', '.join(lrs)}" for bn, lrs in picks.items()) or "none found"
+
+
 def results_section(results_dir: Path) -> str:
     runs, curves = report.load_runs(sorted(p.parent for p in results_dir.glob("*/*/*/*/*/seed*/summary.json")))
     shown = report.results_display(report.results_table(runs))
@@ -62,6 +72,7 @@ def results_section(results_dir: Path) -> str:
         f" on {datetime.now(timezone.utc):%Y-%m-%d}; edit nothing here by hand.",
         f"{len(runs)} FL runs, {runs['seed'].nunique()} seeds; the last `make evidence` took"
         f" **{wall_time(grid_dir)}** on this machine (2 CPU cores), calibration included.",
+        f"Calibrated learning rates: {calibrated_lrs(results_dir)}.",
         "",
         "**Claims**, FedSQ against each baseline:",
         "",

@@ -1,5 +1,6 @@
 """The README's evidence section: written from a grid's results/, between its markers only."""
 
+import json
 import runpy
 from pathlib import Path
 
@@ -19,6 +20,10 @@ def test_section_is_generated_from_the_grid_and_nothing_else_changes(tmp_path):
         runs.append(make_run(results, "fedsq", "dir0.1", seed, fedsq))
         runs.append(make_run(results, "fedavg", "dir0.1", seed, fedavg))
     report.build(runs, results)
+    for method, lr in [("fedsq", 0.03), ("fedavg", 0.01)]:
+        pick = results / "calibration" / "digits" / "resnet18" / "bn-pooled" / f"{method}.json"
+        pick.parent.mkdir(parents=True, exist_ok=True)
+        pick.write_text(json.dumps({"lr": lr}))
     (grid / "started").write_text("1000")
     (grid / "finished").write_text(str(1000 + 3600 + 25 * 60))
     readme = tmp_path / "README.md"
@@ -30,6 +35,7 @@ def test_section_is_generated_from_the_grid_and_nothing_else_changes(tmp_path):
     text = readme.read_text()
     assert text.startswith("# title\n") and text.endswith("<!-- evidence:end -->\n\n## after\n")
     assert "old numbers" not in text
+    assert "Calibrated learning rates: bn pooled: fedavg 0.01, fedsq 0.03." in text
     assert "**1 h 25 min**" in text and "6 FL runs, 3 seeds" in text
     assert (results / "tables" / "claims.md").read_text().strip() in text
     assert "89.7 ± 1.5" in text  # FedSQ's best val acc over the three seeds, in percent
