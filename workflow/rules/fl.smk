@@ -1,7 +1,8 @@
 # Federated runs: one job per (dataset, backbone, split, method, seed), calibrated lr in
 # results/runs/, one common lr in results/control/. summary.json is written last by the
 # engine, so a finished run is never repeated and its MLflow run never duplicated; an
-# interrupted one resumes from checkpoint.pt (not an output, so Snakemake keeps it).
+# interrupted one resumes from checkpoint.pt (not an output, so Snakemake keeps it) unless
+# its inputs or code changed since, and a finished one removes it.
 
 
 rule run_config:
