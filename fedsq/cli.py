@@ -54,18 +54,22 @@ def _load_run_config(args: argparse.Namespace) -> dict:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from fedsq import engine
+    from fedsq import engine, gpu_slots
 
-    summary = engine.run(_load_run_config(args), Path(args.out))
+    cfg = _load_run_config(args)
+    with gpu_slots.for_job(cfg["device"]):  # before anything starts CUDA
+        summary = engine.run(cfg, Path(args.out))
     print(f"best_val_acc={summary['best_val_acc']:.4f} at round {summary['best_round']}; summary in {args.out}")
 
 
 def _calibrate(args: argparse.Namespace) -> None:
-    from fedsq import calibrate
+    from fedsq import calibrate, gpu_slots
 
-    result = calibrate.calibrate(
-        _load_run_config(args), Path(args.out), lrs=args.lrs, mode=args.mode, epochs=args.epochs, rounds=args.rounds
-    )
+    cfg = _load_run_config(args)
+    with gpu_slots.for_job(cfg["device"]):  # before anything starts CUDA
+        result = calibrate.calibrate(
+            cfg, Path(args.out), lrs=args.lrs, mode=args.mode, epochs=args.epochs, rounds=args.rounds
+        )
     print(f"calibrated lr={result['lr']} ({result['mode']}); written to {args.out}")
 
 

@@ -59,6 +59,7 @@ def _check_finite(loss_sum: torch.Tensor, round: int, client: int) -> float:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``cuda`` is the job's own GPU: ``fedsq run`` narrowed CUDA_VISIBLE_DEVICES to its slot's (``gpu_slots``)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
