@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fedsq import checkpoint, config, data, download, models, partition, strategies, version, weights
+from fedsq import checkpoint, config, data, download, environment, models, partition, strategies, version, weights
 from fedsq.background import SerialWorker
 from fedsq.files import write_atomic
 from fedsq.strategies import BatchNormPolicy, ClientStore, WeightedAverage
@@ -390,6 +390,8 @@ def run(cfg: dict, out_dir: Path) -> dict:
             config.flatten(cfg) | {"lr": lr, "lr_source": lr_source})
         try:
             sim = Simulation(cfg, out_dir)
+            # Set on a resumed run too: the tags say what the run last executed on.
+            outputs.submit(lambda: tracker.result().set_tags(environment.describe(sim.device)))
             summary = _simulate(cfg, lr, fingerprint, sim, saved, outputs, tracker, out_dir, started) | {
                 "lr": lr, "lr_source": lr_source,
                 "tags": {k: tags[k] for k in ("dataset", "backbone", "split", "method", "seed", "lr_mode", "bn")},
