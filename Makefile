@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CORES  ?= 2
 
-.PHONY: demo evidence test install clean
+.PHONY: demo evidence test install lock clean
 
 $(BIN)/fedsq: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ evidence: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# Exact versions of everything in the venv but fedsq itself, to reinstall what produced a result:
+# pip install -r requirements.lock -e .   (torch's CUDA wheels make it platform-specific: see the header)
+lock: install
+	{ echo "# make lock: pip freeze of $(VENV), Python $$($(BIN)/python -c 'import platform as p; print(p.python_version(), p.system(), p.machine())')"; \
+	  $(BIN)/pip freeze --exclude-editable; } > requirements.lock
 
 clean:
 	rm -rf results resources .snakemake $(EVIDENCE)
