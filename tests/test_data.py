@@ -195,12 +195,28 @@ def test_cinic10_downloads_verifies_and_converts_png_folders(mirror, tmp_path):
     assert json.loads((root / "cinic10" / "meta.json").read_text())["recipe"] == {}
 
 
-def test_cinic10_unconfirmed_digest_error_says_how_to_override(mirror, tmp_path):
+def test_cinic10_tries_its_urls_in_order_and_records_the_one_that_served(mirror, tmp_path, monkeypatch, capsys):
     folder, url = mirror
     tiny = archives.cinic10_tarball(folder / "CINIC-10.tar.gz", {"train": 1, "valid": 1, "test": 1})
-    with pytest.raises(download.DigestMismatch) as caught:
-        data.prepare("cinic10", tmp_path, url=f"{url}/CINIC-10.tar.gz")  # built-in MD5 expected
+    archives.cinic10_tarball(folder / "other.tar.gz", {"train": 2, "valid": 1, "test": 1})  # another size
+    urls = (f"{url}/moved", f"{url}/other.tar.gz", f"{url}/CINIC-10.tar.gz")
+    monkeypatch.setattr(data, "CINIC10_URLS", urls)
+    monkeypatch.setattr(data, "CINIC10_SIZE", tiny.path.stat().st_size)
+    monkeypatch.setattr(data, "CINIC10_MD5", tiny.md5)
+    out = data.prepare("cinic10", tmp_path)
+    assert json.loads((out / "meta.json").read_text())["source"] == urls[2]
+    err = capsys.readouterr().err
+    assert "HTTP Error 404" in err and "size mismatch" in err and f"CINIC-10.tar.gz: served by {urls[2]}" in err
+
+
+def test_cinic10_with_another_digest_fails_naming_file_and_digests(mirror, tmp_path, monkeypatch):
+    folder, url = mirror
+    tiny = archives.cinic10_tarball(folder / "CINIC-10.tar.gz", {"train": 1, "valid": 1, "test": 1})
+    monkeypatch.setattr(data, "CINIC10_URLS", (f"{url}/CINIC-10.tar.gz",))
+    monkeypatch.setattr(data, "CINIC10_SIZE", tiny.path.stat().st_size)  # the built-in MD5 expected
+    with pytest.raises(download.NoSourceServed) as caught:
+        data.prepare("cinic10", tmp_path)
     message = str(caught.value)
-    assert data.CINIC10_MD5 in message and tiny.md5 in message and "could not be confirmed offline" in message
-    assert f"fedsq data prepare cinic10 --md5 {tiny.md5}" in message
+    assert str(tmp_path / "cinic10" / "download" / "CINIC-10.tar.gz") in message
+    assert data.CINIC10_MD5 in message and tiny.md5 in message
     assert list((tmp_path / "cinic10" / "download").iterdir()) == []

@@ -84,3 +84,37 @@ def test_unverified_download_is_refused(served):
     with pytest.raises(ValueError, match="refusing an unverified download"):
         download.fetch(f"{url}/blob.bin", dest_folder / "blob.bin")
     assert leftovers(dest_folder) == []
+
+
+def test_a_wrong_size_is_an_error_naming_file_and_both_sizes(served):
+    _, url, dest_folder = served
+    with pytest.raises(download.SizeMismatch) as caught:
+        download.fetch(f"{url}/blob.bin", dest_folder / "blob.bin", sha256=SHA256, size=len(PAYLOAD) + 1)
+    assert str(caught.value) == (f"size mismatch for {dest_folder / 'blob.bin'}: "
+                                 f"expected {len(PAYLOAD) + 1:,} bytes, got {len(PAYLOAD):,}")
+    assert leftovers(dest_folder) == []
+
+
+def test_fetch_first_falls_back_past_a_404_and_a_wrong_size_and_says_which_url_served(served, capsys):
+    folder, url, dest_folder = served
+    (folder / "moved.html").write_bytes(b"<html>this dataset has moved</html>")
+    urls = [f"{url}/gone.bin", f"{url}/moved.html", f"{url}/blob.bin"]
+    served_by = download.fetch_first(urls, dest_folder / "blob.bin", md5=MD5, size=len(PAYLOAD))
+    assert served_by == urls[2] and (dest_folder / "blob.bin").read_bytes() == PAYLOAD
+    err = capsys.readouterr().err
+    assert f"{urls[0]}: HTTP Error 404" in err and f"{urls[1]}: size mismatch" in err
+    assert f"blob.bin: served by {urls[2]}" in err
+    # A verified copy is used as it is: no URL is asked.
+    assert download.fetch_first([f"{url}/gone.bin"], dest_folder / "blob.bin", md5=MD5, size=len(PAYLOAD)) is None
+
+
+def test_fetch_first_names_every_failure_when_no_url_serves(served):
+    folder, url, dest_folder = served
+    (folder / "other.bin").write_bytes(PAYLOAD[::-1])  # right size, wrong digest
+    urls = [f"{url}/gone.bin", f"{url}/other.bin"]
+    with pytest.raises(download.NoSourceServed) as caught:
+        download.fetch_first(urls, dest_folder / "blob.bin", md5=MD5, size=len(PAYLOAD))
+    message = str(caught.value)
+    assert f"no URL served a verified {dest_folder / 'blob.bin'}" in message
+    assert f"{urls[0]}: HTTP Error 404" in message and f"{urls[1]}: md5 mismatch" in message and MD5 in message
+    assert isinstance(caught.value, OSError) and leftovers(dest_folder) == []
