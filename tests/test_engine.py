@@ -53,7 +53,7 @@ def test_run_writes_metrics_summary_and_one_mlflow_run(digits_root, mlflow_uri, 
     assert summary["samples_trained"] == metrics["samples_trained"].iloc[-1]
     assert set(summary["client_acc"]) == {"mean", "std", "min", "max"}
     assert summary["tags"] == {"dataset": "digits", "backbone": "resnet18", "split": "iid", "method": "fedavg",
-                               "seed": "0", "lr_mode": "equal"}
+                               "seed": "0", "lr_mode": "equal", "bn": "pooled"}
     assert summary["lr"] == 0.05 and summary["lr_source"] == "config" and summary["config"] == cfg
 
     client = MlflowClient(mlflow_uri)
