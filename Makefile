@@ -27,7 +27,7 @@ EVIDENCE := evidence
 evidence: install
 	mkdir -p $(EVIDENCE) && date -u +%s > $(EVIDENCE)/started
 	$(BIN)/snakemake --snakefile $(CURDIR)/Snakefile --directory $(EVIDENCE) --configfile $(CURDIR)/config/evidence.yaml \
-		--cores $(CORES) --keep-going
+		--cores $(CORES) --keep-going; status=$$?; times > $(EVIDENCE)/cpu_times; exit $$status
 	date -u +%s > $(EVIDENCE)/finished
 	$(BIN)/python scripts/readme_results.py $(EVIDENCE)/results
 

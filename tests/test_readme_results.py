@@ -26,6 +26,7 @@ def test_section_is_generated_from_the_grid_and_nothing_else_changes(tmp_path):
         pick.write_text(json.dumps({"lr": lr}))
     (grid / "started").write_text("1000")
     (grid / "finished").write_text(str(1000 + 3600 + 25 * 60))
+    (grid / "cpu_times").write_text("0m0.01s 0m0.00s\n150m30.5s 10m0.0s\n")  # POSIX `times`
     readme = tmp_path / "README.md"
     (tmp_path / "docs" / "img").mkdir(parents=True)
     readme.write_text("# title\n\n<!-- evidence:begin -->\nold numbers\n<!-- evidence:end -->\n\n## after\n")
@@ -36,7 +37,7 @@ def test_section_is_generated_from_the_grid_and_nothing_else_changes(tmp_path):
     assert text.startswith("# title\n") and text.endswith("<!-- evidence:end -->\n\n## after\n")
     assert "old numbers" not in text
     assert "Calibrated learning rates: bn pooled: fedavg 0.01, fedsq 0.03." in text
-    assert "**1 h 25 min**" in text and "6 FL runs, 3 seeds" in text
+    assert "**1 h 25 min** of wall time (2 h 40 min of CPU time, i.e. 1 h 20 min on 2 idle cores)" in text and "6 FL runs, 3 seeds" in text
     assert (results / "tables" / "claims.md").read_text().strip() in text
     assert "89.7 ± 1.5" in text  # FedSQ's best val acc over the three seeds, in percent
     # The made-up curves rise in a straight line from 0.1 over 5 rounds: the last quarter
