@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CORES  ?= 2
 
-.PHONY: demo evidence test install lock clean
+.PHONY: demo evidence test gpu-smoke install lock clean
 
 $(BIN)/fedsq: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ evidence: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# The first thing to run on a new GPU cluster: every method on CUDA (bf16, channels-last),
+# DualCopy exact on the GPU, resume after kill -9. Minutes; skips (exit 0) without a GPU.
+gpu-smoke: install
+	$(BIN)/python scripts/gpu_smoke.py
 
 # Exact versions of everything in the venv but fedsq itself, to reinstall what produced a result:
 # pip install -r requirements.lock -e .   (torch's CUDA wheels make it platform-specific: see the header)

@@ -27,11 +27,13 @@ BatchNorm is handled.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
 from torch.overrides import TorchFunctionMode
 
 
@@ -90,6 +92,11 @@ class ClampRegime:
     high: float | None
     linear: Tensor
     clamped: Tensor | None
+    kind = "activation"
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.linear.shape
 
     @classmethod
     def record(cls, func, args, kwargs) -> tuple[ClampRegime, Tensor]:
@@ -123,9 +130,13 @@ class ClampRegime:
 
 @dataclass
 class PoolRegime:
-    """Regime of one max-pool call: the argmax index S picked in each window."""
+    """Regime of one max-pool call: the argmax index S picked in each window (into the flattened
+    H x W of an input ``input_width`` wide), and the call's pooling arguments."""
 
     indices: Tensor
+    pooling: dict
+    input_width: int
+    kind = "max-pool"
 
     def apply(self, z: Tensor, return_indices: bool) -> Tensor | tuple[Tensor, Tensor]:
         out = z.flatten(2).gather(2, self.indices.flatten(2)).view_as(self.indices)
@@ -149,7 +160,7 @@ class RecordRegimes(TorchFunctionMode):
         if self.gate_maxpool and func is F.max_pool2d:
             z, pool_args, return_indices = _max_pool2d(*args, **kwargs)
             out, indices = F.max_pool2d_with_indices(z, **pool_args)
-            self.regimes.append(PoolRegime(indices))
+            self.regimes.append(PoolRegime(indices, pool_args, z.shape[-1]))
             return (out, indices) if return_indices else out
         return func(*args, **kwargs)
 
@@ -157,38 +168,36 @@ class RecordRegimes(TorchFunctionMode):
 class ApplyRegimes(TorchFunctionMode):
     """Run a model with each gate call replaced by the next recorded regime."""
 
-    def __init__(self, regimes: list[ClampRegime | PoolRegime], gate_maxpool: bool = False):
+    def __init__(self, regimes: list, gate_maxpool: bool = False):
         super().__init__()
         self.regimes = regimes
         self.gate_maxpool = gate_maxpool
         self.used = 0
 
-    def _next(self, kind: type) -> ClampRegime | PoolRegime:
+    def _next(self, kind: str):
         if self.used == len(self.regimes):
             raise RuntimeError(
                 f"the gated model called more gates than the {len(self.regimes)} its structural copy recorded"
             )
         regime = self.regimes[self.used]
         self.used += 1
-        if not isinstance(regime, kind):
-            raise RuntimeError(
-                f"gate call {self.used} is a {kind.__name__} but its structural copy's is a {type(regime).__name__}"
-            )
+        if regime.kind != kind:
+            raise RuntimeError(f"gate call {self.used} is a {kind} gate, its structural copy's a {regime.kind} gate")
         return regime
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _ACTIVATIONS:
             z, _, _, inplace = _ACTIVATIONS[func](*args, **kwargs)
-            regime = self._next(ClampRegime)
-            if regime.linear.shape != z.shape:
+            regime = self._next("activation")
+            if regime.shape != z.shape:
                 raise RuntimeError(
-                    f"gate call {self.used} has shape {tuple(z.shape)}, its structural copy's {tuple(regime.linear.shape)}"
+                    f"gate call {self.used} has shape {tuple(z.shape)}, its structural copy's {tuple(regime.shape)}"
                 )
             return regime.apply(z, inplace)
         if self.gate_maxpool and func is F.max_pool2d:
             z, _, return_indices = _max_pool2d(*args, **kwargs)
-            return self._next(PoolRegime).apply(z, return_indices)
+            return self._next("max-pool").apply(z, return_indices)
         return func(*args, **kwargs)
 
     def __exit__(self, *exc):
@@ -228,11 +237,186 @@ class DualCopy(nn.Module):
         self.structural._apply(fn, recurse).to(memory_format=torch.channels_last)
         return super()._apply(fn, recurse)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def structural_regimes(self, x: Tensor) -> list[ClampRegime | PoolRegime]:
         images = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-        regimes = record_regimes(self.structural, images, self.gate_maxpool)
-        with ApplyRegimes(regimes, self.gate_maxpool):
+        return record_regimes(self.structural, images, self.gate_maxpool)
+
+    def forward(self, x: Tensor, regimes: list | None = None) -> Tensor:
+        """Q on ``x`` gated by S's regimes: computed here, or given (``RegimeCache``'s, for x's samples)."""
+        with ApplyRegimes(self.structural_regimes(x) if regimes is None else regimes, self.gate_maxpool):
             return self.quantitative(x)
 
     def extra_repr(self) -> str:
         return f"gate_maxpool={self.gate_maxpool}"
+
+
+# Regime cache. S is frozen, its BatchNorm normalises with fixed statistics (a sample's regimes do
+# not depend on its batch) and a sample's input never changes (no augmentation): S's regimes
+# for a sample are the same in every round, so they are computed once and stored compactly.
+
+
+def _byte_codes(bits: int) -> Tensor:
+    """Row b: the 8 / ``bits`` codes packed into byte b, lowest bits first."""
+    return (torch.arange(256, dtype=torch.uint8).unsqueeze(1) >> _shifts(bits)) & (2**bits - 1)
+
+
+def _shifts(bits: int) -> Tensor:
+    return torch.arange(0, 8, bits, dtype=torch.uint8)
+
+
+def _channels_last(t: Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+@dataclass
+class _CachedActivation:
+    """One activation call's regime codes (``ClampRegime.codes``) for every sample of a split,
+    packed in the memory order of S's mask: unpacked, a mask gets back S's strides, so Q
+    computes exactly as with the live mask. One bit per unit for ReLU (two regimes), two for
+    clamps with an upper bound (three)."""
+
+    low: float
+    high: float | None
+    shape: torch.Size  # one sample's mask, logical
+    channels_last: bool
+    packed: Tensor  # samples x ceil(units / per byte), uint8
+    tables: dict = field(default_factory=dict, repr=False)  # dtype -> [linear, clamped]: each byte's masks
+
+    @classmethod
+    def empty(cls, regime: ClampRegime, samples: int) -> _CachedActivation:
+        cached = cls(regime.low, regime.high, regime.shape[1:], _channels_last(regime.linear), packed=None)
+        width = -(-cached.shape.numel() * cached.bits // 8)
+        cached.packed = torch.empty(samples, width, dtype=torch.uint8, device=regime.linear.device)
+        return cached
+
+    @property
+    def bits(self) -> int:
+        return 1 if self.high is None else 2
+
+    def fill(self, start: int, regime: ClampRegime) -> None:
+        codes = regime.codes().to(torch.uint8)
+        codes = (codes.permute(0, 2, 3, 1) if self.channels_last else codes).reshape(len(codes), -1)
+        per_byte = 8 // self.bits
+        codes = F.pad(codes, (0, per_byte * self.packed.shape[1] - codes.shape[1])).view(len(codes), -1, per_byte)
+        shifts = _shifts(self.bits).to(codes.device)
+        self.packed[start:start + len(codes)] = (codes << shifts).sum(2, dtype=torch.uint8)  # bits are disjoint
+
+    def __getitem__(self, index: Tensor | slice) -> _PackedActivation:
+        return _PackedActivation(self, self.packed[index])
+
+    def unpack(self, packed: Tensor, dtype: torch.dtype) -> ClampRegime:
+        """The regime of a batch's packed codes, as masks of ``dtype``: one table lookup per mask."""
+        if dtype not in self.tables:
+            codes = _byte_codes(self.bits).to(packed.device)
+            self.tables[dtype] = [(codes == 1).to(dtype)]
+            if self.high is not None:
+                clamp = torch.where(codes == 0, self.low, torch.where(codes == 2, self.high, 0.0))
+                self.tables[dtype].append(clamp.to(dtype))
+        masks = [self._masks(packed, table) for table in self.tables[dtype]]
+        return ClampRegime(self.low, self.high, masks[0], masks[1] if len(masks) > 1 else None)
+
+    def _masks(self, packed: Tensor, table: Tensor) -> Tensor:
+        units = self.shape.numel()
+        values = table.index_select(0, packed.flatten().int()).view(len(packed), -1)[:, :units]
+        if not self.channels_last:
+            return values.reshape(len(packed), *self.shape)
+        c, h, w = self.shape
+        return values.reshape(len(packed), h, w, c).permute(0, 3, 1, 2)
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes
+
+
+@dataclass
+class _PackedActivation:
+    """A batch's cached regime of one activation call, unpacked when applied, into Q's dtype there."""
+
+    cached: _CachedActivation
+    packed: Tensor
+    kind = "activation"
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.packed), *self.cached.shape))
+
+    def apply(self, z: Tensor, inplace: bool) -> Tensor:
+        return self.cached.unpack(self.packed, z.dtype).apply(z, inplace)
+
+
+@dataclass
+class _CachedPool:
+    """One max-pool call's argmax for every sample of a split, as its offset within the window (uint8)."""
+
+    pooling: dict
+    input_width: int
+    offsets: Tensor  # samples x C x H_out x W_out
+
+    @classmethod
+    def empty(cls, regime: PoolRegime, samples: int) -> _CachedPool:
+        kernel = _pair(regime.pooling["kernel_size"])
+        if kernel[0] * kernel[1] > 256:
+            raise ValueError(f"max-pool kernel {kernel}: window offsets do not fit in a byte; use regime_cache: false")
+        offsets = torch.empty(samples, *regime.indices.shape[1:], dtype=torch.uint8, device=regime.indices.device)
+        return cls(regime.pooling, regime.input_width, offsets)
+
+    def _windows(self) -> tuple[Tensor, Tensor, int, int, int]:
+        """(top row, left column) of each output's window, the kernel width and the dilation."""
+        pooling = self.pooling
+        _, kernel_w = _pair(pooling["kernel_size"])
+        stride_h, stride_w = _pair(pooling["stride"] or pooling["kernel_size"])
+        pad_h, pad_w = _pair(pooling["padding"])
+        dilation_h, dilation_w = _pair(pooling["dilation"])
+        out_h, out_w = self.offsets.shape[-2:]
+        device = self.offsets.device
+        top = torch.arange(out_h, device=device).view(-1, 1) * stride_h - pad_h
+        left = torch.arange(out_w, device=device) * stride_w - pad_w
+        return top, left, kernel_w, dilation_h, dilation_w
+
+    def fill(self, start: int, regime: PoolRegime) -> None:
+        top, left, kernel_w, dilation_h, dilation_w = self._windows()
+        row, col = regime.indices // self.input_width, regime.indices % self.input_width
+        offsets = (row - top) // dilation_h * kernel_w + (col - left) // dilation_w
+        self.offsets[start:start + len(offsets)] = offsets
+
+    def __getitem__(self, index: Tensor | slice) -> PoolRegime:
+        top, left, kernel_w, dilation_h, dilation_w = self._windows()
+        offsets = self.offsets[index].long()
+        row, col = top + offsets // kernel_w * dilation_h, left + offsets % kernel_w * dilation_w
+        return PoolRegime(row * self.input_width + col, self.pooling, self.input_width)
+
+    @property
+    def nbytes(self) -> int:
+        return self.offsets.nbytes
+
+
+class RegimeCache:
+    """S's regimes for every sample of one split, computed once and kept packed on its device:
+    a bit per ReLU unit, two per unit of a clamp with an upper bound (ReLU6), a byte per
+    max-pool output (ResNet-18 at 32 px: 5.9 KB a sample, 10 KB with ``gate_maxpool``).
+
+    Built from ``batches``, the split's ``samples`` model inputs in order. ``cache[index]`` (a
+    tensor of sample indices or a slice of the split) is the regimes of those samples, for
+    ``DualCopy.forward(x, regimes)``.
+    """
+
+    def __init__(self, dual: DualCopy, batches: Iterable[Tensor], samples: int):
+        kinds = {"activation": _CachedActivation, "max-pool": _CachedPool}
+        self.gates: list[_CachedActivation | _CachedPool] = []
+        start = 0
+        for x in batches:
+            regimes = dual.structural_regimes(x)
+            if start == 0:
+                self.gates = [kinds[r.kind].empty(r, samples) for r in regimes]
+            for gate, regime in zip(self.gates, regimes):
+                gate.fill(start, regime)
+            start += len(x)
+        if start != samples:
+            raise ValueError(f"RegimeCache: the batches hold {start} samples, not {samples}")
+
+    def __getitem__(self, index: Tensor | slice) -> list:
+        return [gate[index] for gate in self.gates]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(gate.nbytes for gate in self.gates)

@@ -139,7 +139,22 @@ class Simulation:
         self.strategy.bind(self.model)
         self.bn = BatchNormPolicy(cfg["bn"], self.model, self.client_stores[1])
         self.params = [p for _, p in strategies.trainable(self.model)]
+        self.regime_caches = self.cache_regimes()
         self.probe = self.inputs(self.splits["val"][0][: cfg["eval"]["probe_size"]])
+
+    def cache_regimes(self) -> dict:
+        """FedSQ's structural regimes of each split's samples, computed once (``dualcopy.RegimeCache``);
+        {} for the other methods, or where they are computed live."""
+        if not isinstance(self.strategy, strategies.FedSQ):
+            return {}
+        with torch.autocast(**self.autocast):  # in the precision of the training pass
+            return self.strategy.regime_caches(self.model, {name: x for name, (x, _) in self.splits.items()},
+                                               self.inputs, self.cfg["eval"]["batch_size"])
+
+    def forward(self, split: str, index: torch.Tensor | slice, x: torch.Tensor) -> torch.Tensor:
+        """The model on ``x``, the samples ``index`` of ``split``: with their cached regimes if there are."""
+        cache = self.regime_caches.get(split)
+        return self.model(x) if cache is None else self.model(x, cache[index])
 
     def _to_device(self, split: data.Split) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole split moved once (uint8 images: 4x smaller than floats); batches are
@@ -178,7 +193,7 @@ class Simulation:
                 index = torch.from_numpy(batch).to(self.device, non_blocking=True)
                 x, y = self.inputs(x_all[index]), y_all[index]
                 with torch.autocast(**self.autocast):
-                    loss = F.cross_entropy(model(x), y)
+                    loss = F.cross_entropy(self.forward("train", index, x), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 self.strategy.client_grad(self.params)
@@ -212,9 +227,10 @@ class Simulation:
         size = self.cfg["eval"]["batch_size"]
         correct, losses = [], []
         for start in range(0, len(y_all), size):
-            x, y = x_all[start:start + size], y_all[start:start + size]
+            batch = slice(start, start + size)
+            x, y = x_all[batch], y_all[batch]
             with torch.autocast(**self.autocast):
-                logits = self.model(self.inputs(x)).float()
+                logits = self.forward(split, batch, self.inputs(x)).float()
             losses.append(F.cross_entropy(logits, y, reduction="none"))
             correct.append(logits.argmax(1) == y)
         return torch.cat(correct), torch.cat(losses)

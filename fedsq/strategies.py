@@ -21,7 +21,9 @@ so memory does not grow with the number of clients.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -225,20 +227,55 @@ class FedProx(FedAvg):
     name = "fedprox"
 
 
+def _device_memory(device: torch.device) -> int:
+    """Bytes of memory of ``device``: the GPU's, or the machine's RAM."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 class FedSQ(FedAvg):
     """Clients train the quantitative copy of a DualCopy whose gates come from the frozen
-    pretrained structural copy; only that copy is in ``state_dict``, hence aggregated."""
+    pretrained structural copy; only that copy is in ``state_dict``, hence aggregated.
+
+    ``regime_cache``: the structural copy's regimes of every sample are computed once
+    (``dualcopy.RegimeCache``) instead of in every forward pass: always (true), never (false),
+    or when they fit in ``regime_cache_budget`` of the device's memory (auto).
+    """
 
     name = "fedsq"
 
     def __init__(self, options: dict, store: ClientStore | None = None, num_clients: int = 1):
         super().__init__(options, store, num_clients)
         self.gate_maxpool = bool(options.get("gate_maxpool", False))
+        self.regime_cache = options.get("regime_cache", "auto")
+        self.regime_cache_budget = float(options.get("regime_cache_budget", 0.25))
 
     def wrap(self, model: nn.Module) -> nn.Module:
         from fedsq.dualcopy import DualCopy
 
         return DualCopy(model, gate_maxpool=self.gate_maxpool)
+
+    def regime_caches(self, model: nn.Module, splits: dict[str, torch.Tensor],
+                      inputs: Callable[[torch.Tensor], torch.Tensor], batch_size: int) -> dict:
+        """A ``RegimeCache`` per split (``splits``: its samples as stored, ``inputs`` makes model
+        inputs of them), or {} where the regimes are to be computed live."""
+        from fedsq.dualcopy import RegimeCache
+
+        if self.regime_cache is False:
+            return {}
+        if self.regime_cache == "auto":
+            first = next(iter(splits.values()))
+            need = RegimeCache(model, [inputs(first[:1])], 1).nbytes * sum(len(x) for x in splits.values())
+            budget = self.regime_cache_budget * _device_memory(first.device)
+            if need > budget:
+                warnings.warn(
+                    f"method.regime_cache: the regime cache would take {need / 2**20:.0f} MiB, over its budget of "
+                    f"{budget / 2**20:.0f} MiB (method.regime_cache_budget: {self.regime_cache_budget} of the "
+                    "device's memory); computing the regimes in every forward pass instead", stacklevel=2)
+                return {}
+        return {name: RegimeCache(model, (inputs(x[i:i + batch_size]) for i in range(0, len(x), batch_size)), len(x))
+                for name, x in splits.items()}
 
 
 def displacement_per_gradient(steps: int, lr: float, momentum: float) -> float:

@@ -157,6 +157,17 @@ def test_evaluation_uses_the_gated_pass():
         torch.testing.assert_close(dual(x), _gated_by_hand(dual.structural, dual.quantitative, x))
 
 
+def test_given_regimes_gate_instead_of_the_structural_copys_own():
+    torch.manual_seed(4)
+    dual = DualCopy(TinyNet())
+    with torch.no_grad():
+        for p in dual.quantitative.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    x, other = torch.randn(16, 4), torch.randn(16, 4)
+    torch.testing.assert_close(dual(x, dual.structural_regimes(x)), dual(x), rtol=0, atol=0)
+    assert not torch.allclose(dual(x, dual.structural_regimes(other)), dual(x))  # they are used, not recomputed
+
+
 def test_to_moves_the_structural_copy_and_train_keeps_it_in_eval():
     dual = DualCopy(TinyNet()).to(torch.float64).train()
     assert all(p.dtype == torch.float64 for p in dual.structural.parameters())
