@@ -9,7 +9,8 @@ so Q is affine in its weights' values within S's fixed partition of the input sp
 Gates are intercepted as *calls* with a ``TorchFunctionMode``, so activation modules and
 functional calls are handled alike, and a module called at several places in one forward
 pass (torchvision's ``BasicBlock.relu``) gets one regime per call site: S records regimes
-in call order, Q consumes them in the same order.
+in call order, Q consumes them in the same order. ``RegimeCache`` computes S's regimes of a
+whole split once, to pass to ``DualCopy.forward`` instead of running S in every forward pass.
 
 BatchNorm. S always normalises with its frozen pretrained statistics. Q's BatchNorm layers
 follow the run's ``bn`` policy, like every other method's. We take the default reading,
@@ -166,7 +167,7 @@ class RecordRegimes(TorchFunctionMode):
 
 
 class ApplyRegimes(TorchFunctionMode):
-    """Run a model with each gate call replaced by the next recorded regime."""
+    """Run a model with each gate call replaced by the next regime: recorded, or a RegimeCache's."""
 
     def __init__(self, regimes: list, gate_maxpool: bool = False):
         super().__init__()
@@ -238,6 +239,7 @@ class DualCopy(nn.Module):
         return super()._apply(fn, recurse)
 
     def structural_regimes(self, x: Tensor) -> list[ClampRegime | PoolRegime]:
+        """S's regimes on ``x``, in gate call order (S runs on a channels-last copy of images)."""
         images = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
         return record_regimes(self.structural, images, self.gate_maxpool)
 
