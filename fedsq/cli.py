@@ -94,6 +94,27 @@ def _report(args: argparse.Namespace) -> None:
     print(f"tables and plots in {out}")
 
 
+def _estimate(args: argparse.Namespace) -> None:
+    from fedsq import estimate
+
+    given = {k: v for k, v in vars(args).items() if k in ("peak_tflops", "utilisation", "new_best_share") and v is not None}
+    result = estimate.estimate(estimate.load_pipeline_config(args.configfile), given.get("new_best_share"))
+    print(f"fedsq estimate for {args.configfile}")
+    print(estimate.render(result, **given))
+
+
+def _positive(text: str) -> float:
+    if not float(text) > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not above 0")
+    return float(text)
+
+
+def _fraction(text: str) -> float:
+    if not 0 <= float(text) <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction between 0 and 1")
+    return float(text)
+
+
 def _add_run_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="run config YAML (see config/README.md)")
     p.add_argument(
@@ -174,6 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--alpha", type=float, default=0.05, help="significance level after the Holm adjustment")
     p.set_defaults(func=_report)
+
+    p = sub.add_parser("estimate", help="what a pipeline config costs: samples, images, FLOPs, GPU-hours")
+    p.add_argument("--configfile", default="config/config.yaml", help="pipeline config, as snakemake --configfile")
+    p.add_argument("--peak-tflops", type=_positive, help="GPU peak in TFLOP/s (default 989: an H100's dense bf16)")
+    p.add_argument("--utilisation", type=_positive, help="fraction of the peak reached (default 0.3)")
+    p.add_argument(
+        "--new-best-share",
+        type=_fraction,
+        help="share of the validated rounds off the test schedule assumed to set a new best, each an extra test "
+        "pass (default 0.25)",
+    )
+    p.set_defaults(func=_estimate)
     return parser
 
 

@@ -1,0 +1,167 @@
+"""The cost estimate (fedsq.estimate, `fedsq estimate`) and the evaluation schedule it costs."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from fedsq import cli, config, engine, estimate
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER = REPO / "config" / "config.yaml"
+
+
+@pytest.fixture(autouse=True)
+def no_prepared_data(tmp_path, monkeypatch):
+    """Run where no dataset is prepared: sizes come from the built-in table, whatever resources/ holds."""
+    monkeypatch.chdir(tmp_path)
+
+
+def test_flop_count_matches_a_hand_count():
+    # 8x8 RGB: a 3x3 conv (3 -> 4), a depthwise 3x3 conv (4 groups), a linear layer (256 -> 10).
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1, groups=4),
+                          nn.Flatten(), nn.Linear(256, 10))
+    conv, depthwise, linear = 2 * 64 * 4 * 3 * 9, 2 * 64 * 4 * 1 * 9, 2 * 256 * 10  # 2 FLOPs per multiply-add
+    forward, backward = estimate._count(model, image_size=8)
+    assert forward == conv + depthwise + linear
+    # Each layer's weight gradient costs its forward, and so does its input gradient but the
+    # first layer's (the images need none). A grouped conv counts once, not `groups` times.
+    assert backward == conv + 2 * depthwise + 2 * linear
+
+
+def test_fedsq_adds_exactly_one_forward_pass():
+    plain = estimate.image_flops("resnet18", 32, 10, {"name": "fedavg"})
+    fedsq = estimate.image_flops("resnet18", 32, 10, {"name": "fedsq", "gate_maxpool": False})
+    assert plain.forward > 0 and plain.plain == plain.forward
+    assert fedsq.forward == 2 * plain.forward  # the structural copy's forward, then the quantitative copy's
+    assert fedsq.backward == plain.backward  # no gradient flows into the structural copy
+    assert fedsq.plain == plain.forward
+
+
+@pytest.mark.parametrize("regime_cache", [False, "auto"])
+def test_run_cost_by_hand(regime_cache):
+    cfg = config.load({"rounds": 10, "split": {"num_clients": 10}, "clients_per_round": 5, "local_epochs": 2,
+                       "eval": {"val_every": 2, "val_size": 100, "test_every": 5, "drift_every": 5, "probe_size": 8}})
+    cfg["method"]["regime_cache"] = regime_cache
+    sizes = {"train": 1000, "val": 500, "test": 200}
+    fedsq = estimate.ImageFlops(forward=2, backward=3, plain=1)  # a structural forward of 1 on top of Q's
+    cost = estimate.run_cost(cfg, sizes, fedsq, new_best_share=0.5)
+    # Validated at 0 2 4 6 8 10, tested at 0 5 10 and at half of the validated rounds 2 4 6 8.
+    test_passes = 3 + 0.5 * 4
+    model_images = 6 * 100 + test_passes * 200 + 1000  # and the closing per-client accuracy pass
+    drift_images = 2 * 8 * 3  # rounds 0 5 10; the model's and the reference's gates, twice
+    trained = 10 * 2 * 0.5 * 1000
+    assert cost.trained == trained and cost.evaluated == model_images + drift_images
+    if regime_cache:  # the structural copy once over every split's samples, then Q alone
+        assert cost.train_flops == trained * (1 + 3) + 1000 * 1
+        assert cost.eval_flops == model_images * 1 + (500 + 200) * 1 + drift_images * 2
+    else:
+        assert cost.train_flops == trained * (2 + 3)
+        assert cost.eval_flops == model_images * 2 + drift_images * 2
+
+
+def test_sizes_from_the_table_or_a_matching_meta_json(tmp_path):
+    assert estimate.dataset_sizes("cifar100", tmp_path, 0.1, 0)[:2] == ({"train": 45000, "val": 5000, "test": 10000}, 100)
+    assert estimate.dataset_sizes("cinic10", tmp_path, 0.1, 0)[:2] == ({"train": 90000, "val": 90000, "test": 90000}, 10)
+    meta = {"sizes": {"train": 7, "val": 2, "test": 3}, "num_classes": 10, "recipe": {"val_fraction": 0.2, "seed": 0}}
+    (tmp_path / "digits").mkdir()
+    (tmp_path / "digits" / "meta.json").write_text(json.dumps(meta))
+    assert estimate.dataset_sizes("digits", tmp_path, 0.2, 0) == (meta["sizes"], 10, str(tmp_path / "digits" / "meta.json"))
+    # Prepared another way: the pipeline will prepare it again, as the table says.
+    assert estimate.dataset_sizes("digits", tmp_path, 0.1, 0)[0] == {"train": 1293, "val": 144, "test": 360}
+
+
+def small_pipeline_config(tmp_path) -> dict:
+    raw = {
+        "datasets": ["digits", "cifar100"],
+        "backbones": {"resnet18": {"weights": "scratch"}, "alexnet": {"image_size": 64}},
+        "splits": ["iid", "dir0.5"], "methods": ["fedavg", "fedsq"], "seeds": [0, 1, 2],
+        "run": {"rounds": 2, "image_size": 32},
+        "control": {"splits": ["dir0.5"]},
+        "bn_control": {"enabled": True, "datasets": ["digits"]},
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return estimate.load_pipeline_config(path)
+
+
+def test_grid_is_the_hand_expanded_product(tmp_path):
+    cfg = small_pipeline_config(tmp_path)
+    runs, control, bn_control = 2 * 2 * 2 * 2 * 3, 2 * 2 * 1 * 2 * 3, 1 * 2 * 2 * 2 * 3
+    points = estimate.grid(cfg)
+    assert len(points) == len(set(points)) == runs + control + bn_control
+    table = estimate.estimate(cfg).table
+    assert table["runs"].sum() == runs + control + bn_control
+    # Calibrated per dataset x backbone x method in each BatchNorm form: pooled (runs), frozen (bn_control).
+    assert table["calibrations"].sum() == 2 * 2 * 2 + 1 * 2 * 2
+    assert set(table.loc[table["backbone"] == "alexnet", "forward"]) != set(table.loc[table["backbone"] == "resnet18", "forward"])
+
+
+@pytest.mark.parametrize("regimes_cached", [True, False], ids=["regimes-cached", "regimes-live"])
+def test_paper_grid_evaluates_in_at_most_a_quarter_of_each_runs_compute(regimes_cached, monkeypatch):
+    """The acceptance check of the paper config's eval block (issue 14), whether or not FedSQ's
+    regime cache fits in the GPU's memory."""
+    monkeypatch.setattr(estimate, "_caches_regimes", lambda cfg: regimes_cached)
+    table = estimate.estimate(estimate.load_pipeline_config(PAPER)).table
+    share = table["run_eval_flops"] / (table["run_train_flops"] + table["run_eval_flops"])
+    assert (share <= 0.25).all(), table.assign(share=share)[["dataset", "backbone", "method", "share"]]
+
+
+def test_cli_prints_the_table(capsys):
+    assert cli.main(["estimate", "--configfile", str(PAPER), "--utilisation", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "built-in table" in out and "50% of 989 TFLOP/s" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
+    assert "eval share of FL runs" in rows[0] and "GPU-h" in rows[0]
+    assert sum(line.startswith("| cinic10 ") for line in rows) == 6 and rows[-1].startswith("| total ")
+
+
+def test_cli_names_a_bad_key(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**yaml.safe_load(PAPER.read_text()), "run": {"rounds": -1}}))
+    assert cli.main(["estimate", "--configfile", str(tmp_path / "bad.yaml")]) == 2
+    assert "rounds" in capsys.readouterr().err
+
+
+def test_summary_line_reports_or_skips(tmp_path, monkeypatch):
+    cfg = small_pipeline_config(tmp_path)
+    assert "FL runs" in estimate.summary_line(cfg) and "GPU-h" in estimate.summary_line(cfg)
+    monkeypatch.setattr(estimate, "_COUNTS", {})  # nothing counted yet, and no time to count
+    assert "skipped" in estimate.summary_line(cfg, budget_s=-1)
+
+
+def test_engine_validates_and_tests_on_the_schedule_the_estimate_costs(digits_root, mlflow_uri, tmp_path):
+    cfg = config.load({
+        "dataset": "digits", "backbone": "resnet18", "image_size": 32, "split": {"scheme": "iid", "num_clients": 10},
+        "clients_per_round": 1, "rounds": 5, "optimizer": {"lr": 0.05}, "device": "cpu",
+        "eval": {"val_every": 2, "val_size": 50, "test_every": 4, "drift_every": 0},
+        "paths": {"data": str(digits_root)}, "tracking": {"uri": mlflow_uri},
+    })
+    summary = engine.run(cfg, tmp_path / "run")
+    metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    validated = metrics.dropna(subset=["val_acc"])
+    assert set(validated["round"]) == estimate._rounds(5, 2) == {0, 2, 4, 5}
+    assert set(metrics.dropna(subset=["test_acc"])["round"]) >= estimate._rounds(5, 4)
+    assert ((validated["val_acc"] * 50).round(9) % 1 == 0).all()  # accuracies over 50 images
+    assert summary["best_val_acc"] == validated["val_acc"].max()
+    assert summary["last3_val_acc"] == pytest.approx(validated["val_acc"].iloc[1:].tail(3).mean())
+    assert summary["test_acc_at_best"] is not None
+
+
+def test_validation_subset_is_fixed_and_stratified(digits_root, tmp_path):
+    def simulation(val_size):
+        cfg = config.load({"dataset": "digits", "image_size": 32, "device": "cpu", "eval": {"val_size": val_size},
+                           "paths": {"data": str(digits_root)}})
+        return engine.Simulation(cfg, tmp_path)
+
+    sim = simulation(50)
+    subset = sim.val_subset
+    assert len(subset) == 50 and torch.equal(subset, simulation(50).val_subset)
+    counts = torch.bincount(sim.splits["val"][1][subset], minlength=10)
+    assert counts.min() >= 4 and counts.max() <= 6  # 5 per class, give or take the rounding
+    assert simulation(None).val_subset is None and simulation(10_000).val_subset is None
+    with pytest.raises(ValueError, match="eval.val_size"):
+        simulation(3).val_subset
