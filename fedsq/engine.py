@@ -14,6 +14,7 @@ finished), ``metrics.csv`` (one row per round, round 0 = the initial model) and
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import random
@@ -220,24 +221,41 @@ class Simulation:
         return self.strategy.server_update(global_state, average.result()), loss_sum / samples, samples
 
     @torch.inference_mode()
-    def predict(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample (correct, cross-entropy) of the model as it is, over a whole split."""
+    def predict(self, split: str, indices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample (correct, cross-entropy) of the model as it is, over a split (``indices``: those samples)."""
         self.model.eval()
         x_all, y_all = self.splits[split]
+        if indices is not None:
+            x_all, y_all = x_all[indices], y_all[indices]
         size = self.cfg["eval"]["batch_size"]
         correct, losses = [], []
         for start in range(0, len(y_all), size):
             batch = slice(start, start + size)
             x, y = x_all[batch], y_all[batch]
             with torch.autocast(**self.autocast):
-                logits = self.forward(split, batch, self.inputs(x)).float()
+                logits = self.forward(split, batch if indices is None else indices[batch], self.inputs(x)).float()
             losses.append(F.cross_entropy(logits, y, reduction="none"))
             correct.append(logits.argmax(1) == y)
         return torch.cat(correct), torch.cat(losses)
 
+    @functools.cached_property
+    def val_subset(self) -> torch.Tensor | None:
+        """The validation images evaluated (eval.val_size), None for all: class-stratified and
+        drawn with a fixed seed, so every run, method and round selects on the same images."""
+        size, labels = self.cfg["eval"]["val_size"], self.splits["val"][1].cpu().numpy()
+        if size is None or size >= len(labels):
+            return None
+        from sklearn.model_selection import train_test_split
+
+        try:
+            subset, _ = train_test_split(np.arange(len(labels)), train_size=size, stratify=labels, random_state=0)
+        except ValueError as err:  # fewer images than classes
+            raise ValueError(f"eval.val_size: {size} cannot be stratified over the validation split ({err})") from None
+        return torch.from_numpy(np.sort(subset)).to(self.device)
+
     def evaluate(self, split: str) -> tuple[float, float]:
-        """(accuracy, mean cross-entropy) on a split."""
-        correct, losses = self.predict(split)
+        """(accuracy, mean cross-entropy) on a split; "val" on its eval.val_size subset."""
+        correct, losses = self.predict(split, self.val_subset if split == "val" else None)
         return correct.sum().item() / len(correct), losses.double().mean().item()
 
     def client_accuracy(self) -> np.ndarray:
@@ -321,7 +339,7 @@ def summarize(rows: list[dict], cfg: dict) -> dict:
         "test_acc_at_best": None if pd.isna(test_at_best) else float(test_at_best),
         "final_val_acc": float(frame["val_acc"].iloc[-1]),
         "final_test_acc": float(frame["test_acc"].iloc[-1]),
-        "last3_val_acc": float(trained["val_acc"].iloc[-3:].mean()),
+        "last3_val_acc": float(trained["val_acc"].dropna().iloc[-3:].mean()),  # validated rounds
         "rounds_to_target": targets,
         "rounds": int(frame["round"].iloc[-1]),
     }
@@ -462,8 +480,11 @@ def _simulate(cfg: dict, lr: float, fingerprint: dict, sim: Simulation, saved: d
             global_state, row["train_loss"], trained = sim.train_round(r, row["lr"], global_state, outputs.check)
             samples += trained
         sim.model.load_state_dict(global_state)
-        row["val_acc"], row["val_loss"] = sim.evaluate("val")
-        new_best = all(row["val_acc"] > earlier["val_acc"] for earlier in rows)  # test_acc_at_best is measured
+        if r % cfg["eval"]["val_every"] == 0 or r == rounds:
+            row["val_acc"], row["val_loss"] = sim.evaluate("val")
+        # Tested at every new best validation accuracy too, so that test_acc_at_best is measured.
+        new_best = "val_acc" in row and all(
+            row["val_acc"] > earlier["val_acc"] for earlier in rows if earlier["val_acc"] is not None)
         if r % cfg["eval"]["test_every"] == 0 or r == rounds or new_best:
             row["test_acc"], row["test_loss"] = sim.evaluate("test")
         every = cfg["eval"]["drift_every"]
