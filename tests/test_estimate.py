@@ -165,3 +165,12 @@ def test_validation_subset_is_fixed_and_stratified(digits_root, tmp_path):
     assert simulation(None).val_subset is None and simulation(10_000).val_subset is None
     with pytest.raises(ValueError, match="eval.val_size"):
         simulation(3).val_subset
+
+
+def test_validation_subset_reads_fedsqs_cached_regimes_of_its_own_samples(digits_root, tmp_path):
+    def val_accuracy(regime_cache):
+        cfg = config.load({"dataset": "digits", "image_size": 32, "device": "cpu", "eval": {"val_size": 50},
+                           "method": {"name": "fedsq", "regime_cache": regime_cache}, "paths": {"data": str(digits_root)}})
+        return engine.Simulation(cfg, tmp_path).evaluate("val")
+
+    assert val_accuracy(True) == pytest.approx(val_accuracy(False))
