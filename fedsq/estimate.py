@@ -1,8 +1,8 @@
 """What a pipeline config costs before launch: samples trained, images evaluated, FLOPs, GPU-hours.
 
-The grid is expanded as workflow/rules/common.smk expands it (the calibrated runs, the equal-lr
-control, the BatchNorm control, and one calibration per dataset x backbone x method x BatchNorm
-form the calibrated runs use), and each job is costed as the engine runs it:
+The grid (``grid``, also the workflow's list of targets) holds the calibrated runs, the equal-lr
+control and the BatchNorm control; with one calibration per dataset x backbone x method x
+BatchNorm form the calibrated runs use, each job is costed as the engine runs it:
 
 - training: rounds x local_epochs x the sampled share (clients_per_round / num_clients) of the
   training set, in expectation; each sample one forward and one backward pass of the model form
@@ -46,7 +46,7 @@ KNOWN_SIZES = {
     "digits": (1_437, None, 360, 10),  # 1797 images less the 20 % data.prepare holds out for test
 }
 
-RUN_SETS = ("runs", "control", "bn_control")  # results/<run set>/, as in common.smk
+RUN_SETS = ("runs", "control", "bn_control")  # results/<run set>/
 CALIBRATED = ("runs", "bn_control")  # the run sets whose lr comes from a calibration
 
 
@@ -93,7 +93,7 @@ class Cost(NamedTuple):
 
 
 def grid(config: dict) -> list[Point]:
-    """Every FL run of a validated pipeline config, as common.smk's run_summaries expands it."""
+    """Every FL run of a validated pipeline config: the workflow's targets (common.smk) and what is costed."""
     points = []
     for run_set in RUN_SETS:
         block = config[run_set] if run_set != "runs" else {}

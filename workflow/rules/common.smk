@@ -12,6 +12,7 @@ from snakemake.utils import validate
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 from fedsq import config as run_config
+from fedsq.estimate import grid
 from fedsq.partition import parse_split_label
 
 
@@ -83,27 +84,9 @@ wildcard_constraints:
     seed=r"\d+",
 
 
-def _grid(run_set, subset=None):
-    """summary.json of every method over the grid, or over a control's subset of it (null = all)."""
-    subset = subset or {}
-    return expand(
-        f"{RUN_DIR}/summary.json",
-        run_set=run_set,
-        dataset=subset.get("datasets") or config["datasets"],
-        backbone=subset.get("backbones") or list(config["backbones"]),
-        split=subset.get("splits") or config["splits"],
-        method=config["methods"],
-        seed=subset.get("seeds") or config["seeds"],
-    )
-
-
 def run_summaries():
     """summary.json of every calibrated run and of both controls where enabled."""
-    runs = _grid("runs")
-    for run_set in ("control", "bn_control"):
-        if config[run_set]["enabled"]:
-            runs += _grid(run_set, config[run_set])
-    return runs
+    return [f"{RUN_DIR}/summary.json".format(**point._asdict()) for point in grid(config)]
 
 
 def partition_class_counts():
