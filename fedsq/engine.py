@@ -125,8 +125,8 @@ class Simulation:
 
         backbone = cfg["backbone"]
         models.check_image_size(backbone, cfg["image_size"])
-        spec = models.SPECS[backbone]
-        self.mean, self.std = spec.mean, spec.std
+        record = models.backbone(backbone)
+        self.mean, self.std = record.mean, record.std
         weights_path = weights.resolve(backbone, cfg["weights"], Path(cfg["paths"]["weights"]))
         base = models.build(backbone, self.num_classes, weights_path)
         # The pretrained (initial) network whose gates drift is measured against.
