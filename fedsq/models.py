@@ -46,11 +46,11 @@ class Backbone:
     convert: Callable[[dict], dict] | None = None  # a weights file's naming -> the architecture's
 
     @functools.cached_property
-    def gates(self) -> tuple[str, ...]:
-        """Activation modules in the network, by class name (``("ReLU",)``); FedSQ refuses any but
-        ReLU, ReLU6 and Hardtanh. Read from a build on the meta device: shapes only, no weights."""
+    def gates(self) -> tuple[type, ...]:
+        """The network's activation module classes (``(nn.ReLU,)``); FedSQ refuses any but those
+        DualCopy gates (``dualcopy.GATED_ACTIVATIONS``). Read from a build on the meta device."""
         with torch.device("meta"):
-            return tuple(kind.__name__ for kind in dualcopy.activations(self.architecture()))
+            return tuple(dualcopy.activations(self.architecture()))
 
 
 def replace_last_linear(model: nn.Module, num_classes: int) -> None:

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from skimage import data as photos
+from torch import nn
 
 from fedsq import config, models
 
@@ -45,8 +46,8 @@ def test_records_by_name_read_torchvision_and_timm():
     assert vgg.min_image_size == 32 and vgg.sources["torchvision"].hash_prefix == "6002323d"
     assert models.backbone("timm/resnet10t").min_image_size == 32 and models.backbone("timm/resnet10t").sources == {}
     assert models.backbone("efficientnet_lite0").mean == (0.5, 0.5, 0.5)
-    assert models.backbone("efficientnet_lite0").gates == ("ReLU6",)
-    assert models.backbone("torchvision/mobilenet_v3_small").gates == ("Hardswish", "ReLU", "Hardsigmoid")
+    assert models.backbone("efficientnet_lite0").gates == (nn.ReLU6,)
+    assert models.backbone("torchvision/mobilenet_v3_small").gates == (nn.Hardswish, nn.ReLU, nn.Hardsigmoid)
 
 
 @pytest.mark.parametrize("name, head", [("torchvision/vgg11_bn", "classifier.6"), ("timm/resnet10t", "fc")])
