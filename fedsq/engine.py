@@ -294,7 +294,7 @@ def _fingerprint(cfg: dict, lr: float) -> dict:
     """Everything that determines the run's trajectory, by name: the config, the lr it resolves
     to, the code, and the SHA-256 of every file the run reads. Equal whenever nothing changed:
     no timestamps, no MLflow run id."""
-    files = {"dataset meta.json": Path(cfg["paths"]["data"]) / cfg["dataset"] / "meta.json"}
+    files = {"dataset meta.json": Path(cfg["paths"]["data"]) / data.dataset_name(cfg["dataset"]) / "meta.json"}
     if cfg["paths"]["partition"]:
         folder = Path(cfg["paths"]["partition"])
         files["partition"] = folder / "partition.npz" if folder.is_dir() else folder  # as partition.load reads it
