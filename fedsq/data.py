@@ -238,11 +238,11 @@ def _read_image_folder(root: Path, image_size: int) -> tuple[dict[str, Split], l
         if set(folders) - set(classes):
             raise ValueError(f"{root / split}: class folders {sorted(set(folders) - set(classes))} are not in train/")
         items[split] = []
-        for label, name in ((classes.index(f), f) for f in folders):
+        for name in folders:  # labelled by train's class order, whichever classes this split has
             files = sorted(p for p in (root / split / name).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
             if not files:
                 raise ValueError(f"{root / split / name}: empty class folder (no {'/'.join(IMG_EXTENSIONS)} files)")
-            items[split] += [(path, label) for path in files]
+            items[split] += [(path, classes.index(name)) for path in files]
     digest, pixels, unreadable = hashlib.sha256(), {}, []
     for path, _ in (item for split_items in items.values() for item in split_items):
         content = path.read_bytes()
