@@ -57,7 +57,7 @@ def plain_loop(cfg: dict) -> dict:
     parts = partition.load(Path(cfg["paths"]["partition"]))
     splits = {s: (torch.from_numpy(np.array(getattr(dataset, s).x)), torch.from_numpy(np.array(getattr(dataset, s).y)))
               for s in ("train", "val", "test")}
-    spec = models.SPECS[cfg["backbone"]]
+    spec = models.backbone(cfg["backbone"])
     model = models.build(cfg["backbone"], dataset.num_classes, None)
     opt_cfg = cfg["optimizer"]
 

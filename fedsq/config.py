@@ -74,7 +74,7 @@ def _describe(error: jsonschema.ValidationError) -> str:
         unknown = sorted(set(error.instance) - set(error.schema.get("properties", {})))
         prefix = "" if key == "<root>" else key + "."
         return f"unknown key {', '.join(prefix + u for u in unknown)} (allowed: {allowed})"
-    if error.validator == "oneOf":  # optimizer.lr: a number or "calibrated"
+    if error.validator in ("oneOf", "anyOf"):  # optimizer.lr: a number or "calibrated"; dataset, backbone
         return f"{key}: {error.instance!r} is not valid ({error.schema['description']})"
     return f"{key}: {error.message}"
 
@@ -106,7 +106,10 @@ def load(path_or_dict: str | Path | dict, overrides: Iterable[str] = ()) -> dict
 
     errors = sorted(_Validator(SCHEMA).iter_errors(cfg), key=lambda e: list(e.absolute_path))
     if errors:
-        raise ValueError(_describe(jsonschema.exceptions.best_match(errors)))
+        error = jsonschema.exceptions.best_match(errors)
+        while error.parent is not None:  # best_match descends into anyOf's alternatives: name them all
+            error = error.parent
+        raise ValueError(_describe(error))
 
     _method_defaults(cfg["method"])
     if cfg["tags"]["lr_mode"] is None:

@@ -125,8 +125,8 @@ class Simulation:
 
         backbone = cfg["backbone"]
         models.check_image_size(backbone, cfg["image_size"])
-        spec = models.SPECS[backbone]
-        self.mean, self.std = spec.mean, spec.std
+        record = models.backbone(backbone)
+        self.mean, self.std = record.mean, record.std
         weights_path = weights.resolve(backbone, cfg["weights"], Path(cfg["paths"]["weights"]))
         base = models.build(backbone, self.num_classes, weights_path)
         # The pretrained (initial) network whose gates drift is measured against.
@@ -294,7 +294,7 @@ def _fingerprint(cfg: dict, lr: float) -> dict:
     """Everything that determines the run's trajectory, by name: the config, the lr it resolves
     to, the code, and the SHA-256 of every file the run reads. Equal whenever nothing changed:
     no timestamps, no MLflow run id."""
-    files = {"dataset meta.json": Path(cfg["paths"]["data"]) / cfg["dataset"] / "meta.json"}
+    files = {"dataset meta.json": Path(cfg["paths"]["data"]) / data.dataset_name(cfg["dataset"]) / "meta.json"}
     if cfg["paths"]["partition"]:
         folder = Path(cfg["paths"]["partition"])
         files["partition"] = folder / "partition.npz" if folder.is_dir() else folder  # as partition.load reads it

@@ -112,7 +112,9 @@ def grid(config: dict) -> list[Point]:
 def dataset_sizes(name: str, data_root: Path, val_fraction: float, seed: int) -> tuple[dict, int, str]:
     """({train, val, test}: images, classes, where they came from): the prepared meta.json when it
     was prepared as the config asks, else the built-in table."""
-    meta_path = Path(data_root) / name / "meta.json"
+    from fedsq.data import dataset_name
+
+    meta_path = Path(data_root) / dataset_name(name) / "meta.json"
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
         if meta.get("recipe") in ({}, {"val_fraction": val_fraction, "seed": seed}):  # {}: the dataset's own val

@@ -65,7 +65,7 @@ def gates(root: Path, weights_file: Path) -> None:
     dataset = data.load("digits", root / "data")
     images = torch.from_numpy(np.array(dataset.val.x[:256])).cuda()
     for backbone, weights, gate_maxpool in (("efficientnet_lite0", weights_file, False), ("resnet18", None, True)):
-        spec = models.SPECS[backbone]
+        spec = models.backbone(backbone)
         x = data.to_model_input(images, 32, spec.mean, spec.std).contiguous(memory_format=torch.channels_last)
         model = models.build(backbone, 10, weights).eval()
         dual = DualCopy(model, gate_maxpool=gate_maxpool).eval().cuda().to(memory_format=torch.channels_last)

@@ -54,7 +54,9 @@ def test_load_does_not_mutate_its_input():
 @pytest.mark.parametrize(
     "raw, message",
     [
-        ({"dataset": "mnist"}, "dataset: 'mnist' is not one of ['digits', 'cifar100', 'cinic10']"),
+        ({"dataset": "mnist"}, "dataset: 'mnist' is not valid (prepared dataset (`fedsq data prepare`) under paths.data: "
+                               "digits, cifar100, cinic10, imagefolder:<folder>"),
+        ({"backbone": "vgg"}, "backbone: 'vgg' is not valid (network architecture: alexnet, resnet18, efficientnet_lite0"),
         ({"split": {"sheme": "iid"}}, "unknown key split.sheme (allowed: scheme, alpha,"),
         ({"colour": 1}, "unknown key colour (allowed: dataset,"),
         ({"bn": "batch"}, "bn: 'batch' is not one of ['pooled', 'averaged', 'frozen', 'local']"),

@@ -6,13 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedsq import config, engine, models, strategies, weights
+from fedsq import config, engine, models, strategies
 from fedsq.dualcopy import DualCopy, RegimeCache
 
 
 def _dual(name, gate_maxpool=False):
     torch.manual_seed(0)
-    path = weights._pip_file() if name == "efficientnet_lite0" else None
+    path = models.efficientnet_lite0_pip_file() if name == "efficientnet_lite0" else None
     return DualCopy(models.build(name, 4, path), gate_maxpool=gate_maxpool)
 
 
