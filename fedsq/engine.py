@@ -35,7 +35,9 @@ from tqdm.auto import tqdm
 from fedsq import checkpoint, config, data, download, environment, models, partition, strategies, version, weights
 from fedsq.background import SerialWorker
 from fedsq.files import write_atomic
-from fedsq.strategies import BatchNormPolicy, ClientStore, WeightedAverage
+from fedsq.aggregate import WeightedAverage
+from fedsq.batchnorm import BatchNormPolicy
+from fedsq.client_store import ClientStore
 from fedsq.tracking_process import TrackingProcess
 
 METRICS_COLUMNS = [

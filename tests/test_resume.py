@@ -16,7 +16,7 @@ import yaml
 from mlflow import MlflowClient
 
 from fedsq import checkpoint, config, data, engine, models, partition, version
-from fedsq.strategies import ClientStore
+from fedsq.client_store import ClientStore
 
 REPO = Path(__file__).resolve().parents[1]
 
