@@ -34,9 +34,6 @@ from tqdm.auto import tqdm
 from fedsq import download
 from fedsq.files import write_atomic
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 SPLITS = ("train", "val", "test")
 
 # Share of digits held out for testing (digits ships without a test split).
@@ -267,12 +264,10 @@ def load(name: str, root: Path) -> Dataset:
 
 
 def to_model_input(
-    x: torch.Tensor,
-    image_size: int,
-    mean: tuple[float, float, float] = IMAGENET_MEAN,
-    std: tuple[float, float, float] = IMAGENET_STD,
+    x: torch.Tensor, image_size: int, mean: tuple[float, float, float], std: tuple[float, float, float]
 ) -> torch.Tensor:
-    """uint8 N x H x W x C batch -> normalised float N x 3 x S x S, computed on x's device."""
+    """uint8 N x H x W x C batch -> float N x 3 x S x S normalised by the backbone's ``mean`` and ``std``
+    (``models.SPECS``), computed on x's device."""
     if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[-1] not in (1, 3):
         raise ValueError(f"expected a uint8 N x H x W x C batch with C in (1, 3), got {x.dtype} {tuple(x.shape)}")
     x = x.permute(0, 3, 1, 2).float().div_(255)
