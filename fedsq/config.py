@@ -17,6 +17,8 @@ from typing import Any, Iterable
 import jsonschema
 import yaml
 
+from fedsq import strategies
+
 
 class _Loader(yaml.SafeLoader):
     """YAML 1.1 reads ``1e-3`` as a string; learning rates are written that way, so read floats as YAML 1.2 does."""
@@ -35,19 +37,6 @@ def _parse_yaml(text: str):
 
 
 SCHEMA: dict = yaml.safe_load(resources.files("fedsq").joinpath("run_config.schema.yaml").read_text())
-
-
-
-def _method_defaults(method: dict) -> None:
-    """Fill the method options whose sensible value depends on the method (null in the schema)."""
-    name = method["name"]
-    if method["mu"] is None:
-        method["mu"] = 0.01 if name == "fedprox" else 0.0
-    if method["server_lr"] is None and name == "fedavgm":
-        # Hsu et al.'s normalisation: steady-state step lr / (1 - momentum) = 1, as FedAvg's.
-        method["server_lr"] = 1.0 - method["server_momentum"]
-    elif method["server_lr"] is None and name == "fedadam":
-        method["server_lr"] = 0.01
 
 
 def _extend_with_defaults(validator_class):
@@ -111,7 +100,10 @@ def load(path_or_dict: str | Path | dict, overrides: Iterable[str] = ()) -> dict
             error = error.parent
         raise ValueError(_describe(error))
 
-    _method_defaults(cfg["method"])
+    method = cfg["method"]
+    for key, default in strategies.defaults(method["name"]).items():
+        if method[key] is None:  # the schema's null: the method's own default
+            method[key] = default
     if cfg["tags"]["lr_mode"] is None:
         cfg["tags"]["lr_mode"] = "calibrated" if cfg["optimizer"]["lr"] == "calibrated" else "equal"
     _check_consistency(cfg)

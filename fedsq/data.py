@@ -45,9 +45,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fedsq import download
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from fedsq.files import write_atomic
 
 SPLITS = ("train", "val", "test")
 
@@ -342,12 +340,12 @@ def _source(dataset: str) -> _Source:
     return SOURCES[dataset]
 
 
-def _write_atomic(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    # Readers may have the old file memory-mapped: write a new file and rename over it.
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+def _npy_writer(array: np.ndarray) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        with open(path, "wb") as f:  # a file object keeps numpy from appending ".npy" to the temp name
+            np.save(f, array)
+
+    return write
 
 
 def prepare(
@@ -377,9 +375,10 @@ def prepare(
     downloads = out / "download"
     (downloads if source.downloads else out).mkdir(parents=True, exist_ok=True)
     built = source.build(downloads, val_fraction=val_fraction, seed=seed, url=url, md5=md5, image_size=image_size)
+    # Readers may have the old files memory-mapped: new files are renamed over them.
     for split_name, split in built.splits.items():
-        _write_atomic(out / f"{split_name}_x.npy", lambda f: np.save(f, split.x))
-        _write_atomic(out / f"{split_name}_y.npy", lambda f: np.save(f, split.y))
+        write_atomic(out / f"{split_name}_x.npy", _npy_writer(split.x))
+        write_atomic(out / f"{split_name}_y.npy", _npy_writer(split.y))
     meta = {
         "name": out.name,
         "num_classes": len(built.classes),
@@ -390,7 +389,7 @@ def prepare(
         "digest": built.digest,
         "recipe": recipe,
     }
-    _write_atomic(meta_path, lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    write_atomic(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
     return out
 
 
@@ -408,12 +407,10 @@ def load(dataset: str, root: Path) -> Dataset:
 
 
 def to_model_input(
-    x: torch.Tensor,
-    image_size: int,
-    mean: tuple[float, float, float] = IMAGENET_MEAN,
-    std: tuple[float, float, float] = IMAGENET_STD,
+    x: torch.Tensor, image_size: int, mean: tuple[float, float, float], std: tuple[float, float, float]
 ) -> torch.Tensor:
-    """uint8 N x H x W x C batch -> normalised float N x 3 x S x S, computed on x's device."""
+    """uint8 N x H x W x C batch -> float N x 3 x S x S normalised by the backbone's ``mean`` and ``std``
+    (the backbone's record in ``models``), computed on x's device."""
     if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[-1] not in (1, 3):
         raise ValueError(f"expected a uint8 N x H x W x C batch with C in (1, 3), got {x.dtype} {tuple(x.shape)}")
     x = x.permute(0, 3, 1, 2).float().div_(255)

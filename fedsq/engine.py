@@ -35,7 +35,9 @@ from tqdm.auto import tqdm
 from fedsq import checkpoint, config, data, download, environment, models, partition, strategies, version, weights
 from fedsq.background import SerialWorker
 from fedsq.files import write_atomic
-from fedsq.strategies import BatchNormPolicy, ClientStore, WeightedAverage
+from fedsq.aggregate import WeightedAverage
+from fedsq.batchnorm import BatchNormPolicy
+from fedsq.client_store import ClientStore
 from fedsq.tracking_process import TrackingProcess
 
 METRICS_COLUMNS = [
@@ -308,13 +310,13 @@ def _fingerprint(cfg: dict, lr: float) -> dict:
         f"{name} file sha256": download.sha256_of(path) for name, path in files.items() if path.exists()}
 
 
-def _resume_point(ckpt_path: Path, fingerprint: dict) -> dict | None:
+def _resume_point(ckpt_path: Path, fingerprint: dict) -> checkpoint.RunState | None:
     """The checkpoint to continue from, or None to start from round 0. A checkpoint of other
     inputs (config, files, code) is set aside, not resumed: it says which changed."""
     saved = checkpoint.load(ckpt_path)
     if saved is None:
         return None
-    changed = _changed_keys(saved.get("fingerprint", {}), fingerprint)
+    changed = _changed_keys(saved.fingerprint, fingerprint)
     if not changed:
         return saved
     stale = checkpoint.set_aside(ckpt_path)
@@ -363,14 +365,15 @@ def _start_tracking(helper: TrackingProcess, cfg: dict, tags: dict, run_id: str 
     return tracker
 
 
-def _record_round(tracker: Future, row: dict, rows: list[dict], state: dict, out_dir: Path,
+def _record_round(tracker: Future, row: dict, rows: list[dict], state: checkpoint.RunState, out_dir: Path,
                   client_stores: tuple[ClientStore, ...]) -> None:
     """A finished round's MLflow metrics, metrics.csv and, last, its checkpoint: a run killed
     before the checkpoint lands redoes the round, and the tracker skips steps already logged.
     Client states older than the checkpoint needs are deleted only once it is on disk."""
     tracker.result().log_metrics({k: v for k, v in row.items() if k != "round"}, step=row["round"])
     write_atomic(out_dir / "metrics.csv", lambda p: pd.DataFrame(rows, columns=METRICS_COLUMNS).to_csv(p, index=False))
-    checkpoint.save(out_dir / "checkpoint.pt", state | {"mlflow_run_id": tracker.result().run_id})
+    state.mlflow_run_id = tracker.result().run_id
+    checkpoint.save(out_dir / "checkpoint.pt", state)
     for store in client_stores:
         store.prune(row["round"])
 
@@ -420,7 +423,7 @@ def run(cfg: dict, out_dir: Path) -> dict:
     # whose start (seconds of imports) overlaps the set-up of data and model.
     with TrackingProcess() as helper, SerialWorker("fedsq-outputs") as outputs:
         tracker = outputs.submit(
-            _start_tracking, helper, cfg, tags, saved["mlflow_run_id"] if saved else None,
+            _start_tracking, helper, cfg, tags, saved.mlflow_run_id if saved else None,
             config.flatten(cfg) | {"lr": lr, "lr_source": lr_source})
         try:
             sim = Simulation(cfg, out_dir)
@@ -448,8 +451,8 @@ def run(cfg: dict, out_dir: Path) -> dict:
     return summary
 
 
-def _simulate(cfg: dict, lr: float, fingerprint: dict, sim: Simulation, saved: dict | None, outputs: SerialWorker,
-              tracker: Future, out_dir: Path, started: float) -> dict:
+def _simulate(cfg: dict, lr: float, fingerprint: dict, sim: Simulation, saved: checkpoint.RunState | None,
+              outputs: SerialWorker, tracker: Future, out_dir: Path, started: float) -> dict:
     """The rounds from the first unfinished one; returns the summary's figures."""
     if saved is None:
         global_state, rows, samples, elapsed_before, first = sim.global_state(), [], 0, 0.0, 0
@@ -462,11 +465,10 @@ def _simulate(cfg: dict, lr: float, fingerprint: dict, sim: Simulation, saved: d
 
         outputs.submit(log_partition)
     else:
-        global_state = {k: v.to(sim.device) for k, v in saved["global_state"].items()}
-        sim.strategy.load_state_dict(saved["strategy"])
-        checkpoint.set_rng_state(saved["rng"])
-        rows, samples, elapsed_before = saved["metrics"], saved["samples_trained"], saved["wall_seconds"]
-        first = saved["round"] + 1
+        global_state = {k: v.to(sim.device) for k, v in saved.global_state.items()}
+        sim.strategy.load_state_dict(saved.strategy)
+        checkpoint.set_rng_state(saved.rng)
+        rows, samples, elapsed_before, first = saved.metrics, saved.samples_trained, saved.wall_seconds, saved.round + 1
 
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - started
@@ -492,11 +494,11 @@ def _simulate(cfg: dict, lr: float, fingerprint: dict, sim: Simulation, saved: d
             row["gate_agreement"], row["gate_agreement_pretrained_bn"] = sim.gate_agreement()
         row["samples_trained"], row["wall_seconds"] = samples, elapsed()
         rows.append({c: row.get(c) for c in METRICS_COLUMNS})
-        state = checkpoint.snapshot({
+        state = checkpoint.RunState(**checkpoint.snapshot({
             "round": r, "global_state": global_state, "strategy": sim.strategy.state_dict(),
             "rng": checkpoint.rng_state(), "metrics": list(rows), "samples_trained": samples,
             "wall_seconds": row["wall_seconds"], "fingerprint": fingerprint,
-        })
+        }))
         outputs.submit(_record_round, tracker, rows[-1], list(rows), state, out_dir, sim.client_stores)
         outputs.check()
 

@@ -168,8 +168,10 @@ def _form_counts(backbone: str, image_size: int, classes: int, method: dict, dea
     from torch import nn
 
     from fedsq import models, strategies
+    from fedsq.client_store import ClientStore
 
-    strategy = strategies.build(method)
+    # SCAFFOLD needs a store to be built; wrap never writes to it.
+    strategy = strategies.build(method, ClientStore(Path("unused")))
     form = repr(strategy.wrap(nn.Identity()))  # "Identity()" for the plain network, "DualCopy(...)" for FedSQ
     key = (backbone, image_size, classes, form)
     if key not in _COUNTS:

@@ -18,6 +18,7 @@ import torch
 from filelock import FileLock
 
 from fedsq import download, models
+from fedsq.files import write_atomic
 
 URL_SCHEMES = ("https://", "http://", "file://")
 

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -28,13 +29,31 @@ def test_defaults_fill_an_empty_config_and_validate():
     assert cfg["tags"]["lr_mode"] == "equal"
 
 
-def test_method_specific_defaults_are_resolved():
+def test_method_options_are_filled_from_their_strategy_and_others_stay_null():
     assert config.load({"method": {"name": "fedprox"}})["method"]["mu"] == 0.01
-    assert config.load({"method": {"name": "fedsq"}})["method"]["mu"] == 0.0
-    assert config.load({"method": {"name": "fedadam"}})["method"]["server_lr"] == 0.01
-    assert config.load({"method": {"name": "fedavgm"}})["method"]["server_lr"] == 0.5  # 1 - server_momentum
-    assert config.load({"method": {"name": "fedavgm", "server_momentum": 0.9}})["method"]["server_lr"] == pytest.approx(0.1)
-    assert config.load({"method": {"name": "fedavgm", "server_lr": 2.0}})["method"]["server_lr"] == 2.0
+    fedsq = config.load({"method": {"name": "fedsq"}})["method"]
+    assert (fedsq["mu"], fedsq["gate_maxpool"], fedsq["regime_cache"], fedsq["regime_cache_budget"]) == (0.0, False, "auto", 0.25)
+    assert fedsq["tau"] is None and fedsq["server_momentum"] is None  # fedadam's and fedavgm's
+    assert config.load({"method": {"name": "fedadam"}})["method"]["betas"] == [0.9, 0.99]  # a list, as YAML writes it
+
+
+def test_the_run_schema_lists_what_the_code_registers():
+    import re
+
+    from fedsq import batchnorm, data, models, strategies, weights
+
+    keys = config.SCHEMA["properties"]
+    assert keys["method"]["properties"]["name"]["enum"] == list(strategies.METHODS)
+    assert keys["bn"]["enum"] == list(batchnorm.POLICIES)
+    # Built-ins are an enum beside the pattern of names resolved by their library (or path).
+    assert keys["backbone"]["anyOf"][0]["enum"] == list(models.BUILT_IN)
+    assert keys["dataset"]["anyOf"][0]["enum"] == list(data.SOURCES)
+    # The workflow's weight sources: the named ones and URLs.
+    workflow_schema = yaml.safe_load((Path(__file__).parents[1] / "workflow/schemas/config.schema.yaml").read_text())
+    source = re.compile(workflow_schema["properties"]["backbones"]["additionalProperties"]["properties"]["source"]["pattern"])
+    named = {"default", *(name for b in models.BUILT_IN for name in models.backbone(b).sources)}
+    assert all(source.match(name) for name in named) and not source.match("bogus")
+    assert all(source.match(f"{scheme}host/w.pt") for scheme in weights.URL_SCHEMES)
 
 
 def test_loads_yaml_file_with_overrides(tmp_path):

@@ -94,9 +94,10 @@ def test_bad_arguments_are_clear_errors(tmp_path, call, message):
 
 def test_to_model_input_normalises_and_repeats_grey_channels():
     x = torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1).expand(2, 4, 4, 1)
-    out = data.to_model_input(x, 4, data.IMAGENET_MEAN, data.IMAGENET_STD)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    out = data.to_model_input(x, 4, mean, std)
     assert out.shape == (2, 3, 4, 4) and out.dtype == torch.float32
-    mean, std = torch.tensor(data.IMAGENET_MEAN), torch.tensor(data.IMAGENET_STD)
+    mean, std = torch.tensor(mean), torch.tensor(std)
     torch.testing.assert_close(out[0, :, 0, 0], -mean / std)
     torch.testing.assert_close(out[1, :, 0, 0], (1 - mean) / std)
 
@@ -120,9 +121,9 @@ def test_to_model_input_resizes_whole_batch_bilinearly():
 
 def test_to_model_input_rejects_non_uint8_or_channels_first():
     with pytest.raises(ValueError, match="expected a uint8 N x H x W x C batch"):
-        data.to_model_input(torch.zeros(2, 8, 8, 3), 8)
+        data.to_model_input(torch.zeros(2, 8, 8, 3), 8, (0, 0, 0), (1, 1, 1))
     with pytest.raises(ValueError, match=r"got torch.uint8 \(2, 3, 8, 8\)"):
-        data.to_model_input(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), 8)
+        data.to_model_input(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), 8, (0, 0, 0), (1, 1, 1))
 
 
 def same_images(prepared: data.Split, images: np.ndarray, labels: np.ndarray) -> bool:

@@ -1,4 +1,11 @@
-"""DualCopy: the properties of DESIGN.md §1 (1-5) on the three backbones and on tiny known-answer nets."""
+"""DualCopy (fedsq/dualcopy.py, README's introduction) on the three backbones and on tiny known-answer nets:
+
+1. at initialisation (Q = S) it computes the pretrained model's logits, in eval mode;
+2. training never changes a mask: masks are a function of the input and S alone;
+3. S gets no gradient and no optimizer state; only Q's parameters are in the state dict;
+4. ReLU (2 regimes), ReLU6 (3 regimes) and, as an option, max-pooling (S's argmax) are gated;
+5. evaluation uses the same gated forward pass.
+"""
 
 import copy
 

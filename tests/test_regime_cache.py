@@ -112,7 +112,7 @@ def test_regime_cache_policy(digits_root):
     splits = {"train": torch.zeros(10, 3, 8, 8, dtype=torch.uint8), "val": torch.zeros(3, 3, 8, 8, dtype=torch.uint8)}
 
     def caches(**options):
-        return strategies.FedSQ(options).regime_caches(dual, splits, lambda x: x.float(), batch_size=4)
+        return strategies.FedSQ(**options).regime_caches(dual, splits, lambda x: x.float(), batch_size=4)
 
     assert {name: c.nbytes for name, c in caches().items()} == {"train": 10 * 18, "val": 3 * 18}  # 4x6x6 bits
     with pytest.warns(UserWarning, match="regime_cache_budget"):

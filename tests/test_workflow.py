@@ -24,6 +24,7 @@ PAPER = REPO / "config" / "config.yaml"
 OFFLINE = REPO / "config" / "offline.yaml"
 EVIDENCE = REPO / "config" / "evidence.yaml"
 CI = REPO / ".test" / "config" / "config.yaml"
+SHARDS = REPO / ".test" / "config-shards" / "config.yaml"
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 
 
@@ -50,7 +51,8 @@ def expected_runs(cfg: dict) -> set[str]:
     return {f"results/runs/{d}/{b}/{s}/{m}/seed{seed}/summary.json" for d, b, s, m, seed in grid}
 
 
-@pytest.mark.parametrize("configfile", [PAPER, OFFLINE, EVIDENCE, CI], ids=["paper", "offline", "evidence", "ci"])
+@pytest.mark.parametrize(
+    "configfile", [PAPER, OFFLINE, EVIDENCE, CI, SHARDS], ids=["paper", "offline", "evidence", "ci", "ci-shards"])
 def test_dry_run_plans_one_fl_job_per_grid_point(configfile, tmp_path):
     cfg = yaml.safe_load(configfile.read_text())
     plan = planned(configfile, tmp_path)
@@ -91,6 +93,18 @@ def test_dry_run_plans_one_fl_job_per_grid_point(configfile, tmp_path):
     if configfile == PAPER:
         # 2 datasets x 2 backbones x 3 splits x 3 methods x 3 seeds, calibrated and at the equal lr.
         assert len(fl) == 2 * 108
+
+
+def test_the_default_config_applies_only_without_a_configfile(tmp_path):
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text(CI.read_text())  # the default here; its bn_control is on
+    result = snakemake("--summary", workdir=tmp_path)
+    assert result.returncode == 0, log(result)
+    default_plan = pd.read_csv(io.StringIO(result.stdout), sep="\t")
+    assert any(f.startswith("results/bn_control/") for f in default_plan["output_file"])
+    # A given config replaces the default: its keys (bn_control.enabled) do not leak in.
+    fl = set(planned(SHARDS, tmp_path).query("rule == 'fl'")["output_file"])
+    assert fl == expected_runs(yaml.safe_load(SHARDS.read_text()))
 
 
 def test_fl_jobs_get_their_grid_point_and_lr(tmp_path):
@@ -196,12 +210,13 @@ def mlflow_run_count(workdir: Path) -> int:
 
 
 @pytest.mark.slow
-def test_ci_grid_end_to_end(tmp_path):
-    result = snakemake("--cores", "2", "--configfile", CI, workdir=tmp_path)
+@pytest.mark.parametrize("configfile", [CI, SHARDS], ids=["ci", "ci-shards"])
+def test_ci_grid_end_to_end(tmp_path, configfile):
+    result = snakemake("--cores", "2", "--configfile", configfile, workdir=tmp_path)
     assert result.returncode == 0, log(result)[-3000:]
 
-    cfg = yaml.safe_load(CI.read_text())
-    plan = planned(CI, tmp_path)
+    cfg = yaml.safe_load(configfile.read_text())
+    plan = planned(configfile, tmp_path)
     summaries = set(plan.loc[plan["rule"] == "fl", "output_file"])
     assert expected_runs(cfg) <= summaries
     for summary in summaries:
@@ -212,13 +227,13 @@ def test_ci_grid_end_to_end(tmp_path):
     assert mlflow_run_count(tmp_path) == len(summaries)
 
     # A second invocation finds everything done: no job, no extra MLflow run.
-    again = snakemake("--cores", "2", "--configfile", CI, workdir=tmp_path)
+    again = snakemake("--cores", "2", "--configfile", configfile, workdir=tmp_path)
     assert again.returncode == 0, log(again)[-3000:]
     assert "Nothing to be done" in log(again)
     assert mlflow_run_count(tmp_path) == len(summaries)
 
     html = tmp_path / "results" / "report.html"
-    report = snakemake("--configfile", CI, "--report", html, workdir=tmp_path)
+    report = snakemake("--configfile", configfile, "--report", html, workdir=tmp_path)
     assert report.returncode == 0, log(report)[-3000:]
     assert html.stat().st_size > 0
 

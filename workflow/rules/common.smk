@@ -2,6 +2,7 @@
 # all rule files. Every path a job reads or writes is built here.
 
 import json
+import os
 import re
 import shlex
 import sys
@@ -9,7 +10,6 @@ from pathlib import Path
 
 import yaml
 from snakemake.utils import validate
-from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 from fedsq import config as run_config
 from fedsq import data, dualcopy, models
@@ -60,10 +60,16 @@ except ValueError as err:
     raise ValueError(f"config key run: {err}") from None
 
 
-# Rules run `python -m fedsq`. Unless each rule gets its conda env, that must be the interpreter
-# running Snakemake (`.venv/bin/snakemake` works without an activated venv), so put it first on PATH.
-if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
-    shell.prefix(f'set -euo pipefail; export PATH="{Path(sys.executable).parent}:$PATH"; ')
+# Rules run `python -m fedsq`: that of the interpreter running Snakemake, which has fedsq (it
+# imported it above), also when its venv is not activated (`.venv/bin/snakemake`). Jobs inherit
+# this PATH (envvars passes it on to remote ones); under `--sdm conda` each rule's env is
+# activated inside its job, so its python comes first instead.
+envvars:
+    "PATH",
+
+
+_PATH = os.environ["PATH"]
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), _PATH])
 
 
 # A dataset is named in result paths, wildcards and the data root by the folder it is prepared
