@@ -81,6 +81,13 @@ def _tracking_init(args: argparse.Namespace) -> None:
     print(f"MLflow store ready at {uri}")
 
 
+def _tracking_sync(args: argparse.Namespace) -> None:
+    from fedsq import tracking
+
+    tracker = tracking.sync(Path(args.run_dir))
+    print(f"MLflow run {tracker.run_id} on {tracker.uri} holds every record of {args.run_dir}")
+
+
 def _report(args: argparse.Namespace) -> None:
     from fedsq import report
 
@@ -173,11 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="federated mode: rounds per candidate")
     p.set_defaults(func=_calibrate)
 
-    p = sub.add_parser("tracking", help="MLflow").add_subparsers(dest="action", required=True)
-    p = p.add_parser("init", help="create the MLflow store and experiment once, before parallel runs")
+    tracking = sub.add_parser("tracking", help="MLflow").add_subparsers(dest="action", required=True)
+    p = tracking.add_parser("init", help="create the MLflow store and experiment once, before parallel runs")
     p.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///results/mlflow.db)")
     p.add_argument("--experiment", default="fedsq")
     p.set_defaults(func=_tracking_init)
+    p = tracking.add_parser("sync", help="replay what a finished run's MLflow run missed (store outage); idempotent")
+    p.add_argument("run_dir", help="the run's folder (summary.json, metrics.csv)")
+    p.set_defaults(func=_tracking_sync)
 
     p = sub.add_parser("report", help="tables (CSV, Markdown, LaTeX), claims and plots from finished runs")
     p.add_argument("--runs", nargs="+", required=True, help="run folders (each with summary.json and metrics.csv)")

@@ -32,8 +32,14 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _parse_yaml(text: str):
-    return yaml.load(text, Loader=_Loader)
+def _parse_yaml(text: str, source: str):
+    """``text`` parsed; a syntax error is one line naming ``source``, line and column (1-based)."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{source}, line {mark.line + 1}, column {mark.column + 1}" if mark else source
+        raise ValueError(f"{where}: not valid YAML: {getattr(err, 'problem', None) or err}") from None
 
 
 SCHEMA: dict = yaml.safe_load(resources.files("fedsq").joinpath("run_config.schema.yaml").read_text())
@@ -79,7 +85,7 @@ def apply_override(cfg: dict, override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ValueError(f"override {override!r}: {part} is not a mapping")
-    node[leaf] = _parse_yaml(value)
+    node[leaf] = _parse_yaml(value, f"override {override!r}")
 
 
 def load(path_or_dict: str | Path | dict, overrides: Iterable[str] = ()) -> dict:
@@ -87,7 +93,7 @@ def load(path_or_dict: str | Path | dict, overrides: Iterable[str] = ()) -> dict
     if isinstance(path_or_dict, dict):
         cfg = copy.deepcopy(path_or_dict)
     else:
-        cfg = _parse_yaml(Path(path_or_dict).read_text()) or {}
+        cfg = _parse_yaml(Path(path_or_dict).read_text(), str(path_or_dict)) or {}
         if not isinstance(cfg, dict):
             raise ValueError(f"{path_or_dict}: a run config must be a mapping of keys to values")
     for override in overrides:

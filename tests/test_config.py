@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedsq import config
+from fedsq import cli, config
 
 
 def _walk(schema, path=""):
@@ -123,3 +123,13 @@ def test_scientific_notation_is_a_number_in_files_and_overrides(tmp_path):
     cfg = config.load(path, overrides=["method.tau=1e-6"])
     assert cfg["optimizer"]["lr"] == 0.001 and cfg["optimizer"]["weight_decay"] == 0.0005
     assert cfg["method"]["tau"] == 1e-6
+
+
+def test_a_yaml_syntax_error_is_one_line_naming_file_line_and_column(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("rounds: 3\nsplit: {scheme: iid\nseed: 1\n")  # the brace is never closed
+    assert cli.main(["run", "--config", str(path), "--out", str(tmp_path / "out")]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"fedsq run: error: {path}, line 3, column 5: not valid YAML: ")
+    with pytest.raises(ValueError, match=r"^override 'rounds=\[3,', line 1, column 4: not valid YAML: "):
+        config.load({}, overrides=["rounds=[3,"])
