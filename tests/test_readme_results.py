@@ -43,6 +43,7 @@ def test_section_is_generated_from_the_grid_and_nothing_else_changes(tmp_path):
     # The made-up curves rise in a straight line from 0.1 over 5 rounds: the last quarter
     # (round 5) sits one step of (best - 0.1)/5 above the quarter before (round 4).
     assert f"{100 * (0.90 + 0.88 + 0.91 - 0.3) / 15:+.1f}" in text
+    assert "**Not flat after 5 rounds**" in text and "dir0.1 fedsq calibrated pooled" in text
     assert (tmp_path / "docs" / "img" / "evidence-val-acc.png").stat().st_size > 0
 
 
