@@ -19,6 +19,7 @@ Without a CUDA device it says so and exits 0. Exit code 1 on a failed check.
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import math
 import signal
@@ -82,10 +83,12 @@ def gates(root: Path, weights_file: Path) -> None:
                 index = torch.randperm(len(x), device=x.device)[:32]
                 live = dual.structural_regimes(x[index])
         share = flip_share(fp32, bf16)
-        check(share < FLIP_LIMIT_BF16, f"{backbone}: gates flipped by bf16 autocast: {share:.2e} (limit {FLIP_LIMIT_BF16})")
+        check(share < FLIP_LIMIT_BF16,
+              f"{backbone}: gates flipped by bf16 autocast: {share:.2e} (limit {FLIP_LIMIT_BF16})")
         share = flip_share(live, cache[index])
-        check(share < FLIP_LIMIT_CACHE, f"{backbone}: cached regimes vs live, bf16, other batch sizes: "
-                                        f"{share:.2e} flipped (limit {FLIP_LIMIT_CACHE}); cache {cache.nbytes / len(x) / 1000:.1f} KB a sample")
+        check(share < FLIP_LIMIT_CACHE,
+              f"{backbone}: cached regimes vs live, bf16, other batch sizes: {share:.2e} flipped "
+              f"(limit {FLIP_LIMIT_CACHE}); cache {cache.nbytes / len(x) / 1000:.1f} KB a sample")
 
 
 def run_config(root: Path, weights_file: Path, method: str, rounds: int) -> dict:
@@ -158,6 +161,7 @@ def main() -> None:
               "run `make gpu-smoke` on a GPU node")
         return
     print(f"GPU smoke test on {torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda})")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # one line per check, no progress bars (tqdm reads TQDM_*)
 
     from fedsq import data, tracking, weights
 
