@@ -77,6 +77,9 @@ def run_with_outage(server, cfg, out, monkeypatch, stop_at: int, start_at: int |
 
     def train_round(self, r, lr, global_state, after_client):
         if r == stop_at:
+            # The outage starts once the run is in MLflow: rounds are stubbed, and on a busy
+            # machine the writer thread may still be importing MLflow at round 2.
+            wait_for_a_run(server, cfg["tracking"]["experiment"])
             server.stop()
         if r == start_at:
             server.start()
@@ -88,6 +91,16 @@ def run_with_outage(server, cfg, out, monkeypatch, stop_at: int, start_at: int |
     with pytest.warns(UserWarning) as warned:
         summary = engine.run(cfg, out)
     return summary, [str(w.message) for w in warned if str(w.message).startswith(("MLflow store", "MLflow run"))]
+
+
+def wait_for_a_run(server, experiment, timeout: float = 300) -> None:
+    client, deadline = MlflowClient(server.uri), time.monotonic() + timeout
+    while True:
+        found = client.get_experiment_by_name(experiment)
+        if found and client.search_runs([found.experiment_id]):
+            return
+        assert time.monotonic() < deadline, f"no MLflow run in {experiment!r} after {timeout} s"
+        time.sleep(0.2)
 
 
 def make_cfg(digits_root, server, experiment, rounds):
