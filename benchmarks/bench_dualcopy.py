@@ -39,12 +39,12 @@ def measure(backbone: str, form: str, *, steps: int, batch: int, image_size: int
     import torch
     import torch.nn.functional as F
 
-    from fedsq import models, weights
+    from fedsq import models
     from fedsq.dualcopy import DualCopy
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    path = weights._pip_file() if backbone == "efficientnet_lite0" else None
+    path = models.efficientnet_lite0_pip_file() if backbone == "efficientnet_lite0" else None
     model = models.build(backbone, 10, path)
     if form == "dualcopy":
         model = DualCopy(model)

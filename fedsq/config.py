@@ -17,6 +17,8 @@ from typing import Any, Iterable
 import jsonschema
 import yaml
 
+from fedsq import strategies
+
 
 class _Loader(yaml.SafeLoader):
     """YAML 1.1 reads ``1e-3`` as a string; learning rates are written that way, so read floats as YAML 1.2 does."""
@@ -30,24 +32,17 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _parse_yaml(text: str):
-    return yaml.load(text, Loader=_Loader)
+def _parse_yaml(text: str, source: str):
+    """``text`` parsed; a syntax error is one line naming ``source``, line and column (1-based)."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{source}, line {mark.line + 1}, column {mark.column + 1}" if mark else source
+        raise ValueError(f"{where}: not valid YAML: {getattr(err, 'problem', None) or err}") from None
 
 
 SCHEMA: dict = yaml.safe_load(resources.files("fedsq").joinpath("run_config.schema.yaml").read_text())
-
-
-
-def _method_defaults(method: dict) -> None:
-    """Fill the method options whose sensible value depends on the method (null in the schema)."""
-    name = method["name"]
-    if method["mu"] is None:
-        method["mu"] = 0.01 if name == "fedprox" else 0.0
-    if method["server_lr"] is None and name == "fedavgm":
-        # Hsu et al.'s normalisation: steady-state step lr / (1 - momentum) = 1, as FedAvg's.
-        method["server_lr"] = 1.0 - method["server_momentum"]
-    elif method["server_lr"] is None and name == "fedadam":
-        method["server_lr"] = 0.01
 
 
 def _extend_with_defaults(validator_class):
@@ -74,7 +69,7 @@ def _describe(error: jsonschema.ValidationError) -> str:
         unknown = sorted(set(error.instance) - set(error.schema.get("properties", {})))
         prefix = "" if key == "<root>" else key + "."
         return f"unknown key {', '.join(prefix + u for u in unknown)} (allowed: {allowed})"
-    if error.validator == "oneOf":  # optimizer.lr: a number or "calibrated"
+    if error.validator in ("oneOf", "anyOf"):  # optimizer.lr: a number or "calibrated"; dataset, backbone
         return f"{key}: {error.instance!r} is not valid ({error.schema['description']})"
     return f"{key}: {error.message}"
 
@@ -90,7 +85,7 @@ def apply_override(cfg: dict, override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ValueError(f"override {override!r}: {part} is not a mapping")
-    node[leaf] = _parse_yaml(value)
+    node[leaf] = _parse_yaml(value, f"override {override!r}")
 
 
 def load(path_or_dict: str | Path | dict, overrides: Iterable[str] = ()) -> dict:
@@ -98,7 +93,7 @@ def load(path_or_dict: str | Path | dict, overrides: Iterable[str] = ()) -> dict
     if isinstance(path_or_dict, dict):
         cfg = copy.deepcopy(path_or_dict)
     else:
-        cfg = _parse_yaml(Path(path_or_dict).read_text()) or {}
+        cfg = _parse_yaml(Path(path_or_dict).read_text(), str(path_or_dict)) or {}
         if not isinstance(cfg, dict):
             raise ValueError(f"{path_or_dict}: a run config must be a mapping of keys to values")
     for override in overrides:
@@ -106,9 +101,15 @@ def load(path_or_dict: str | Path | dict, overrides: Iterable[str] = ()) -> dict
 
     errors = sorted(_Validator(SCHEMA).iter_errors(cfg), key=lambda e: list(e.absolute_path))
     if errors:
-        raise ValueError(_describe(jsonschema.exceptions.best_match(errors)))
+        error = jsonschema.exceptions.best_match(errors)
+        while error.parent is not None:  # best_match descends into anyOf's alternatives: name them all
+            error = error.parent
+        raise ValueError(_describe(error))
 
-    _method_defaults(cfg["method"])
+    method = cfg["method"]
+    for key, default in strategies.defaults(method["name"]).items():
+        if method[key] is None:  # the schema's null: the method's own default
+            method[key] = default
     if cfg["tags"]["lr_mode"] is None:
         cfg["tags"]["lr_mode"] = "calibrated" if cfg["optimizer"]["lr"] == "calibrated" else "equal"
     _check_consistency(cfg)

@@ -8,12 +8,13 @@ a file's URLs in turn, for hosts that move.
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 import urllib.request
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from fedsq.files import write_atomic
 
 CHUNK = 1 << 20
 
@@ -83,9 +84,9 @@ def fetch(url: str, dest: Path, *, sha256: str | None = None, md5: str | None = 
     if _verified(dest, size, hashers):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_suffix(dest.suffix + ".part")
-    try:
-        with urllib.request.urlopen(url) as response, open(part, "wb") as out:
+
+    def download_verified(tmp: Path) -> None:  # raising leaves no file behind (write_atomic)
+        with urllib.request.urlopen(url) as response, open(tmp, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
             if size is not None and total is not None and total != size:
                 raise SizeMismatch(dest, size, total)
@@ -104,10 +105,8 @@ def fetch(url: str, dest: Path, *, sha256: str | None = None, md5: str | None = 
         for name, (want, hasher) in hashers.items():
             if hasher.hexdigest() != want:
                 raise DigestMismatch(dest, name, want, hasher.hexdigest())
-        os.replace(part, dest)
-    finally:
-        part.unlink(missing_ok=True)
-    return dest
+
+    return write_atomic(dest, download_verified)
 
 
 def fetch_first(urls: list[str], dest: Path, *, sha256: str | None = None, md5: str | None = None,

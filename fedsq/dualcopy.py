@@ -72,6 +72,35 @@ _ACTIVATIONS = {
 }
 
 
+# Activation modules DualCopy gates (ReLU6 is a Hardtanh). Any other makes the network either
+# not piecewise linear (GELU, SiLU, Hardswish, Sigmoid gates, Mish, ELU, Tanh...) or piecewise
+# linear with regimes DualCopy does not fix (LeakyReLU, PReLU): Q would run it on its own
+# pre-activations, and FedSQ would silently be something else.
+GATED_ACTIVATIONS = (nn.ReLU, nn.Hardtanh)
+# Where activation modules live: torch.nn's, and timm's own (timm.layers.activations*).
+_ACTIVATION_MODULES = ("torch.nn.modules.activation", "timm.layers.activations")
+
+
+def activations(model: nn.Module) -> dict[type, str]:
+    """Activation module classes in ``model``, in order of appearance, each with its first module's name."""
+    found: dict[type, str] = {}
+    for name, module in model.named_modules():
+        if type(module).__module__.startswith(_ACTIVATION_MODULES):
+            found.setdefault(type(module), name)
+    return found
+
+
+def check_gateable(model: nn.Module) -> None:
+    """Refuse a network whose activations are not all ones DualCopy gates, before any training.
+    Activation modules are checked; an activation called as a function is not seen."""
+    for kind, name in activations(model).items():
+        if not issubclass(kind, GATED_ACTIVATIONS):
+            raise ValueError(
+                f"FedSQ needs a piecewise-linear network whose activations DualCopy gates (ReLU, ReLU6, "
+                f"Hardtanh): module {name!r} is a {kind.__name__}; FedAvg and FedProx run on it"
+            )
+
+
 def _max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
     """(input, pooling arguments, return_indices) of an F.max_pool2d call."""
     pooling = dict(kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, ceil_mode=ceil_mode)
@@ -226,6 +255,7 @@ class DualCopy(nn.Module):
 
     def __init__(self, model: nn.Module, gate_maxpool: bool = False):
         super().__init__()
+        check_gateable(model)
         self.quantitative = model
         # S only ever runs inference: channels-last convolutions are much faster there on CPU
         # (about 2x for EfficientNet-Lite0's depthwise convs).

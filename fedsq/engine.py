@@ -32,11 +32,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fedsq import checkpoint, config, data, download, environment, models, partition, strategies, version, weights
+from fedsq import (checkpoint, config, data, download, environment, models, partition, strategies, tracking_uri,
+                   version, weights)
 from fedsq.background import SerialWorker
 from fedsq.files import write_atomic
-from fedsq.strategies import BatchNormPolicy, ClientStore, WeightedAverage
-from fedsq.tracking_process import TrackingProcess
+from fedsq.aggregate import WeightedAverage
+from fedsq.batchnorm import BatchNormPolicy
+from fedsq.client_store import ClientStore
 
 METRICS_COLUMNS = [
     "round", "val_acc", "val_loss", "test_acc", "test_loss", "train_loss", "gate_agreement",
@@ -125,8 +127,8 @@ class Simulation:
 
         backbone = cfg["backbone"]
         models.check_image_size(backbone, cfg["image_size"])
-        spec = models.SPECS[backbone]
-        self.mean, self.std = spec.mean, spec.std
+        record = models.backbone(backbone)
+        self.mean, self.std = record.mean, record.std
         weights_path = weights.resolve(backbone, cfg["weights"], Path(cfg["paths"]["weights"]))
         base = models.build(backbone, self.num_classes, weights_path)
         # The pretrained (initial) network whose gates drift is measured against.
@@ -294,7 +296,7 @@ def _fingerprint(cfg: dict, lr: float) -> dict:
     """Everything that determines the run's trajectory, by name: the config, the lr it resolves
     to, the code, and the SHA-256 of every file the run reads. Equal whenever nothing changed:
     no timestamps, no MLflow run id."""
-    files = {"dataset meta.json": Path(cfg["paths"]["data"]) / cfg["dataset"] / "meta.json"}
+    files = {"dataset meta.json": Path(cfg["paths"]["data"]) / data.dataset_name(cfg["dataset"]) / "meta.json"}
     if cfg["paths"]["partition"]:
         folder = Path(cfg["paths"]["partition"])
         files["partition"] = folder / "partition.npz" if folder.is_dir() else folder  # as partition.load reads it
@@ -308,13 +310,13 @@ def _fingerprint(cfg: dict, lr: float) -> dict:
         f"{name} file sha256": download.sha256_of(path) for name, path in files.items() if path.exists()}
 
 
-def _resume_point(ckpt_path: Path, fingerprint: dict) -> dict | None:
+def _resume_point(ckpt_path: Path, fingerprint: dict) -> checkpoint.RunState | None:
     """The checkpoint to continue from, or None to start from round 0. A checkpoint of other
     inputs (config, files, code) is set aside, not resumed: it says which changed."""
     saved = checkpoint.load(ckpt_path)
     if saved is None:
         return None
-    changed = _changed_keys(saved.get("fingerprint", {}), fingerprint)
+    changed = _changed_keys(saved.fingerprint, fingerprint)
     if not changed:
         return saved
     stale = checkpoint.set_aside(ckpt_path)
@@ -352,43 +354,47 @@ def _tags(cfg: dict) -> dict:
     }
 
 
-def _start_tracking(helper: TrackingProcess, cfg: dict, tags: dict, run_id: str | None, params: dict):
-    """A new MLflow run, or the checkpointed one resumed, with the run's params logged."""
-    tracker = helper.tracker(
-        cfg["tracking"]["uri"], cfg["tracking"]["experiment"], run_id=run_id,
+def _start_tracking(uri: str, cfg: dict, tags: dict, run_id: str | None, params: dict, environment_tags: dict):
+    """A new MLflow run, or the checkpointed one reopened (refused, untouched, if its params
+    differ), with the run's params and what it executes on; as a ``tracking.Mirror``."""
+    from fedsq import tracking  # here, on the writer thread: MLflow takes seconds to import
+
+    tracker = tracking.Tracker(
+        uri, cfg["tracking"]["experiment"], run_id=run_id, params=params, tags=tags,
         run_name="/".join(tags[k] for k in ("dataset", "backbone", "split", "method")) + f"/seed{cfg['seed']}",
-        tags=tags,
     )
-    tracker.log_params(params)
-    return tracker
+    tracker.set_tags(environment_tags)  # set on a reopened run too: what the run last executed on
+    return tracking.Mirror(tracker)
 
 
-def _record_round(tracker: Future, row: dict, rows: list[dict], state: dict, out_dir: Path,
+def _record_round(mirror: Future, rows: list[dict], state: checkpoint.RunState, out_dir: Path,
                   client_stores: tuple[ClientStore, ...]) -> None:
-    """A finished round's MLflow metrics, metrics.csv and, last, its checkpoint: a run killed
-    before the checkpoint lands redoes the round, and the tracker skips steps already logged.
-    Client states older than the checkpoint needs are deleted only once it is on disk."""
-    tracker.result().log_metrics({k: v for k, v in row.items() if k != "round"}, step=row["round"])
+    """A finished round's metrics.csv, its checkpoint, then its MLflow metrics: the files are the
+    run's record, so a slow or absent store never holds them back. Every round logs each row
+    MLflow lacks, so the first to reach the store replays what an outage or a kill -9 made it
+    miss. Client states older than the checkpoint needs are deleted only once it is on disk."""
     write_atomic(out_dir / "metrics.csv", lambda p: pd.DataFrame(rows, columns=METRICS_COLUMNS).to_csv(p, index=False))
-    checkpoint.save(out_dir / "checkpoint.pt", state | {"mlflow_run_id": tracker.result().run_id})
+    state.mlflow_run_id = mirror.result().run_id
+    checkpoint.save(out_dir / "checkpoint.pt", state)
     for store in client_stores:
-        store.prune(row["round"])
+        store.prune(rows[-1]["round"])
+    mirror.result().record(lambda tracker: tracker.log_history(rows))
 
 
-def _finish_tracking(tracker: Future, summary: dict, out_dir: Path) -> None:
-    """Summary metrics and artifacts, the run marked FINISHED, then summary.json: its presence
-    marks a finished run, so it is written last."""
-    mlflow_run = tracker.result()
-    mlflow_run.log_metrics({
-        f"summary.{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-    } | {f"summary.client_acc_{k}": v for k, v in summary["client_acc"].items()}, step=summary["rounds"])
-    mlflow_run.log_artifact(out_dir / "metrics.csv")
+def _finish_tracking(mirror: Future, summary: dict, out_dir: Path) -> None:
+    """The run's whole record in MLflow, marked FINISHED, then summary.json: its presence marks
+    a finished run, so it is written last. A store still away does not hold it back: a warning
+    says how to replay what MLflow missed."""
+    from fedsq import tracking
+
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / "summary.json"
         staged.write_text(json.dumps(summary, indent=2))
-        mlflow_run.log_artifact(staged)
-        mlflow_run.finish("FINISHED")
+        recorded = mirror.result().record(lambda tracker: tracking.record_end(tracker, out_dir, staged))
         write_atomic(out_dir / "summary.json", lambda p: p.write_text(staged.read_text()))
+    if not recorded:
+        warnings.warn(f"MLflow run {summary['mlflow_run_id']} lacks part of {out_dir}'s records; once the store "
+                      f"answers, `fedsq tracking sync {out_dir}` replays them", stacklevel=2)
 
 
 def run(cfg: dict, out_dir: Path) -> dict:
@@ -401,6 +407,7 @@ def run(cfg: dict, out_dir: Path) -> dict:
         _same_config(summary["config"], cfg, summary_path)
         ckpt_path.unlink(missing_ok=True)  # left by a run stopped before it retired it (see below)
         return summary  # finished: nothing to do
+    uri = tracking_uri.check(cfg["tracking"]["uri"])  # before anything is built or changed: fails in seconds
     out_dir.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
@@ -415,27 +422,26 @@ def run(cfg: dict, out_dir: Path) -> dict:
             shutil.rmtree(out_dir / "client_state")
         (out_dir / "metrics.csv").unlink(missing_ok=True)
     tags = _tags(cfg)
-    # Everything the run records (MLflow, metrics.csv, checkpoints) is written in order by one
-    # background thread, overlapping the training; MLflow itself works in a helper process,
-    # whose start (seconds of imports) overlaps the set-up of data and model.
-    with TrackingProcess() as helper, SerialWorker("fedsq-outputs") as outputs:
-        tracker = outputs.submit(
-            _start_tracking, helper, cfg, tags, saved["mlflow_run_id"] if saved else None,
-            config.flatten(cfg) | {"lr": lr, "lr_source": lr_source})
+    # Everything the run records (metrics.csv, checkpoints, MLflow) is written in order by one
+    # background thread, overlapping the training; MLflow's start (seconds of imports and store
+    # set-up) there overlaps the set-up of data and model.
+    with SerialWorker("fedsq-outputs") as outputs:
+        mirror = outputs.submit(
+            _start_tracking, uri, cfg, tags, saved.mlflow_run_id if saved else None,
+            config.flatten(cfg) | {"lr": lr, "lr_source": lr_source},
+            environment.describe(resolve_device(cfg["device"])))
         try:
             sim = Simulation(cfg, out_dir)
-            # Set on a resumed run too: the tags say what the run last executed on.
-            outputs.submit(lambda: tracker.result().set_tags(environment.describe(sim.device)))
-            summary = _simulate(cfg, lr, fingerprint, sim, saved, outputs, tracker, out_dir, started) | {
+            summary = _simulate(cfg, lr, fingerprint, sim, saved, outputs, mirror, out_dir, started) | {
                 "lr": lr, "lr_source": lr_source,
                 "tags": {k: tags[k] for k in ("dataset", "backbone", "split", "method", "seed", "lr_mode", "bn")},
                 "config": cfg,
             }
-            outputs.submit(_finish_tracking, tracker, summary, out_dir)
+            outputs.submit(_finish_tracking, mirror, summary, out_dir)
             outputs.drain()
         except BaseException as err:
             status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-            outputs.submit(lambda: tracker.result().finish(status))
+            outputs.submit(lambda: mirror.result().record(lambda tracker: tracker.finish(status)))
             for failure in outputs.wait():
                 if failure is not err:
                     warnings.warn(f"while stopping a {status} run: {type(failure).__name__}: {failure}", stacklevel=2)
@@ -448,25 +454,19 @@ def run(cfg: dict, out_dir: Path) -> dict:
     return summary
 
 
-def _simulate(cfg: dict, lr: float, fingerprint: dict, sim: Simulation, saved: dict | None, outputs: SerialWorker,
-              tracker: Future, out_dir: Path, started: float) -> dict:
+def _simulate(cfg: dict, lr: float, fingerprint: dict, sim: Simulation, saved: checkpoint.RunState | None,
+              outputs: SerialWorker, mirror: Future, out_dir: Path, started: float) -> dict:
     """The rounds from the first unfinished one; returns the summary's figures."""
+    if sim.partition_dir is None:  # the stats of the partition made here, for the run's MLflow artifacts
+        outputs.submit(partition.write, sim.parts, sim.splits["train"][1].cpu().numpy(), out_dir / "partition",
+                       sim.num_classes)
     if saved is None:
         global_state, rows, samples, elapsed_before, first = sim.global_state(), [], 0, 0.0, 0
-
-        def log_partition() -> None:
-            folder = sim.partition_dir or partition.write(
-                sim.parts, sim.splits["train"][1].cpu().numpy(), out_dir / "partition", sim.num_classes)
-            for name in ("class_counts.csv", "heatmap.png"):
-                tracker.result().log_artifact(folder / name, "partition")
-
-        outputs.submit(log_partition)
     else:
-        global_state = {k: v.to(sim.device) for k, v in saved["global_state"].items()}
-        sim.strategy.load_state_dict(saved["strategy"])
-        checkpoint.set_rng_state(saved["rng"])
-        rows, samples, elapsed_before = saved["metrics"], saved["samples_trained"], saved["wall_seconds"]
-        first = saved["round"] + 1
+        global_state = {k: v.to(sim.device) for k, v in saved.global_state.items()}
+        sim.strategy.load_state_dict(saved.strategy)
+        checkpoint.set_rng_state(saved.rng)
+        rows, samples, elapsed_before, first = saved.metrics, saved.samples_trained, saved.wall_seconds, saved.round + 1
 
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - started
@@ -476,7 +476,7 @@ def _simulate(cfg: dict, lr: float, fingerprint: dict, sim: Simulation, saved: d
         row = {"round": r, "train_loss": None, "lr": None}
         if r > 0:
             row["lr"] = round_lr(cfg, lr, r)
-            # A failed background job (say, an unreachable tracking server) stops the run within a client.
+            # A failed background job (say, a full disk) stops the run within a client.
             global_state, row["train_loss"], trained = sim.train_round(r, row["lr"], global_state, outputs.check)
             samples += trained
         sim.model.load_state_dict(global_state)
@@ -492,12 +492,12 @@ def _simulate(cfg: dict, lr: float, fingerprint: dict, sim: Simulation, saved: d
             row["gate_agreement"], row["gate_agreement_pretrained_bn"] = sim.gate_agreement()
         row["samples_trained"], row["wall_seconds"] = samples, elapsed()
         rows.append({c: row.get(c) for c in METRICS_COLUMNS})
-        state = checkpoint.snapshot({
+        state = checkpoint.RunState(**checkpoint.snapshot({
             "round": r, "global_state": global_state, "strategy": sim.strategy.state_dict(),
             "rng": checkpoint.rng_state(), "metrics": list(rows), "samples_trained": samples,
             "wall_seconds": row["wall_seconds"], "fingerprint": fingerprint,
-        })
-        outputs.submit(_record_round, tracker, rows[-1], list(rows), state, out_dir, sim.client_stores)
+        }))
+        outputs.submit(_record_round, mirror, list(rows), state, out_dir, sim.client_stores)
         outputs.check()
 
     sim.model.load_state_dict(global_state)
@@ -507,5 +507,5 @@ def _simulate(cfg: dict, lr: float, fingerprint: dict, sim: Simulation, saved: d
         "wall_seconds": elapsed(), "samples_trained": samples,
         "client_acc": {"mean": float(client_acc.mean()), "std": float(client_acc.std()),
                        "min": float(client_acc.min()), "max": float(client_acc.max())},
-        "mlflow_run_id": tracker.result().run_id,
+        "mlflow_run_id": mirror.result().run_id,
     }

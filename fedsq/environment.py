@@ -1,8 +1,8 @@
 """What a run executes on, for its MLflow tags: software versions and the device's name.
 
-Collected in the training process, which knows its device and has CUDA up already; the MLflow
-helper process only stores the strings. Package versions come from ``importlib.metadata``,
-which reads the installed distributions without importing them (MLflow stays out of training).
+Collected on the training thread, which knows its device, before the run's writer thread logs
+them. Package versions come from ``importlib.metadata``, which reads the installed distributions
+without importing them (MLflow is imported on the writer thread, not here).
 """
 
 from __future__ import annotations

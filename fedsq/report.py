@@ -154,22 +154,8 @@ def load_runs(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def _run_keys(summary: dict, run_dir: Path) -> dict:
-    """Grouping keys from the summary's tags, falling back on the resolved config, then defaults."""
-    tags, config = summary.get("tags") or {}, summary.get("config") or {}
-    method = config.get("method")
-    fallback = {
-        "dataset": config.get("dataset"),
-        "backbone": config.get("backbone"),
-        "method": method.get("name") if isinstance(method, dict) else method,
-        "seed": config.get("seed"),
-        "lr_mode": "calibrated",
-        "bn": config.get("bn") or DEFAULT_BN,
-    }
-    keys = {key: tags[key] if tags.get(key) is not None else fallback.get(key) for key in [*GROUP, "seed"]}
-    missing = [key for key, value in keys.items() if value is None]
-    if missing:
-        warnings.warn(f"{run_dir}: summary.json lacks {', '.join(missing)}; shown as 'n/a'", stacklevel=3)
-    return {key: "n/a" if value is None else str(value) for key, value in keys.items()} | {"run_dir": str(run_dir)}
+    """Grouping keys: the summary's tags, where the engine writes every one of them."""
+    return {key: str(summary["tags"][key]) for key in [*GROUP, "seed"]} | {"run_dir": str(run_dir)}
 
 
 def _sort(frame: pd.DataFrame, by: list[str] = (*GROUP, "seed")) -> pd.DataFrame:

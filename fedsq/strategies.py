@@ -1,184 +1,76 @@
 """Federated methods: what a client adds to its local training, and how the server combines.
 
-In the style of Flower's strategies, one small class per method; the engine owns the loop
-and calls these hooks, in this order, around the local training of each sampled client:
-
-- ``wrap(model)``: the model form clients train (fedsq: DualCopy); once per run.
-- ``bind(model)``: allocate server state shaped like the trainable parameters; once per run.
-- ``client_begin(model, client, round, global_state)``: the model holds the global state.
-- ``client_grad(params)``: after backward, before the optimizer step (proximal term, SCAFFOLD).
-- ``client_end(model, client, round, steps, lr, momentum, global_state)``: after local
-  training, which took ``steps`` steps of a fresh ``torch.optim.SGD(lr=lr, momentum=momentum)``.
-- ``server_update(global_state, average)``: the new global state from the sample-weighted
-  average of the clients' states (``WeightedAverage``).
+In the style of Flower's strategies, one small class per method under the abstract
+``Strategy``, which documents the hooks the engine calls around each sampled client's local
+training. Each class takes its options as typed keyword arguments whose defaults are the only
+defaults of those options: ``build`` maps the run config's ``method`` block onto them, and
+``config.load`` fills the block's unset options from them (``defaults``), so a strategy built
+directly and one built from a config agree.
 
 Only ``model.state_dict()`` and the trainable ``model.named_parameters()`` are touched, so a
-DualCopy's frozen structural copy is neither trained nor aggregated. Per-client state
-(SCAFFOLD's control variates, FedBN's BatchNorm layers) lives on disk in a ``ClientStore``,
-so memory does not grow with the number of clients.
+DualCopy's frozen structural copy is neither trained nor aggregated.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
-from pathlib import Path
-from typing import Callable
+from abc import ABC, abstractmethod
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
 
-BN_POLICIES = ("pooled", "averaged", "frozen", "local")
+from fedsq.client_store import ClientStore
 
 
 def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
 
-def batchnorm_layers(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+class Strategy(ABC):
+    """The hooks of one federated method, in the order the engine calls them."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The model form clients train (FedSQ: a DualCopy of ``model``); once per run."""
+
+    @abstractmethod
+    def bind(self, model: nn.Module) -> None:
+        """Allocate server state shaped like the wrapped model's trainable parameters; once per run."""
+
+    @abstractmethod
+    def client_begin(self, model: nn.Module, client: int, round: int, global_state: dict) -> None:
+        """Before ``client`` trains in ``round``; ``model`` holds ``global_state``."""
+
+    @abstractmethod
+    def client_grad(self, params: list[nn.Parameter]) -> None:
+        """After each backward pass, before the optimizer step: adjust ``p.grad`` in place."""
+
+    @abstractmethod
+    def client_end(self, model: nn.Module, client: int, round: int, steps: int, lr: float, momentum: float,
+                   global_state: dict) -> None:
+        """After local training, which took ``steps`` steps of a fresh
+        ``torch.optim.SGD(lr=lr, momentum=momentum)``; ``model`` holds the client's result."""
+
+    @abstractmethod
+    def server_update(self, global_state: dict, average: dict) -> dict:
+        """The next global state, from the sample-weighted average of the clients' states
+        (``aggregate.WeightedAverage``)."""
+
+    @abstractmethod
+    def state_dict(self) -> dict:
+        """Server state a resumed run needs (tensors and plain values: it goes into the checkpoint)."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()``'s result; called after ``bind``."""
 
 
-class ClientStore:
-    """Per-client tensors on disk, one file per client and round.
-
-    A client's state is read as "the latest version written before round r", so redoing an
-    interrupted round (resume) reads what the uninterrupted run read. Old versions go only
-    once a checkpoint makes them unreadable (``prune``): training may run rounds ahead of the
-    checkpoint on disk, and a version its resume still needs must outlive those rounds.
-    """
-
-    def __init__(self, root: Path):
-        self.root = Path(root)
-
-    def _versions(self, client: int) -> list[int]:
-        folder = self.root / f"client{client}"
-        if not folder.is_dir():
-            return []
-        return sorted(int(f.stem.removeprefix("round")) for f in folder.glob("round*.pt"))
-
-    def get(self, client: int, before_round: int, device: torch.device | str = "cpu") -> dict | None:
-        earlier = [v for v in self._versions(client) if v < before_round]
-        if not earlier:
-            return None
-        path = self.root / f"client{client}" / f"round{earlier[-1]}.pt"
-        return torch.load(path, map_location=device, weights_only=True)
-
-    def put(self, client: int, round: int, state: dict[str, torch.Tensor]) -> None:
-        folder = self.root / f"client{client}"
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f"round{round}.pt.tmp"
-        torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp)
-        os.replace(tmp, folder / f"round{round}.pt")
-
-    def prune(self, checkpointed_round: int) -> None:
-        """Delete the versions a run resumed after ``checkpointed_round`` can no longer read:
-        per client, all but the newest up to that round (later ones are kept)."""
-        for folder in self.root.glob("client*"):
-            client = int(folder.name.removeprefix("client"))
-            readable = [v for v in self._versions(client) if v <= checkpointed_round]
-            for stale in readable[:-1]:
-                (folder / f"round{stale}.pt").unlink()
-
-
-class WeightedAverage:
-    """Sample-weighted running average of client states: two models' worth of memory at most.
-
-    ``pooled_var`` maps running-variance keys to their running-mean keys; those variances are
-    combined by the law of total variance (mean of variances + variance of means), which is
-    the variance of the pooled data rather than an average of per-client spreads.
-    Integer buffers (BatchNorm's ``num_batches_tracked``) take the maximum.
-    """
-
-    def __init__(self, pooled_var: dict[str, str] | None = None):
-        self.pooled_var = pooled_var or {}
-        self.sums: dict[str, torch.Tensor] = {}
-        self.total = 0.0
-
-    def add(self, state: dict[str, torch.Tensor], weight: float) -> None:
-        for key, value in state.items():
-            if not value.is_floating_point():
-                contribution = value.detach()
-            elif key in self.pooled_var:
-                mean = state[self.pooled_var[key]].detach()
-                contribution = (value.detach() + mean * mean) * weight
-            else:
-                contribution = value.detach() * weight
-            if key not in self.sums:
-                self.sums[key] = contribution.clone()
-            elif value.is_floating_point():
-                self.sums[key] += contribution
-            else:
-                torch.maximum(self.sums[key], contribution, out=self.sums[key])
-        self.total += weight
-
-    def result(self) -> dict[str, torch.Tensor]:
-        if not self.total:
-            raise ValueError("WeightedAverage.result: no client state was added")
-        average = {k: v / self.total if v.is_floating_point() else v for k, v in self.sums.items()}
-        for var_key, mean_key in self.pooled_var.items():
-            average[var_key] = (average[var_key] - average[mean_key] ** 2).clamp_(min=0)
-        return average
-
-
-class BatchNormPolicy:
-    """How BatchNorm running statistics are kept across clients (config key ``bn``).
-
-    pooled: a client's statistics become the exact average over its last local epoch
-      (reset, then momentum=None, i.e. a cumulative mean), and the server pools them. With
-      momentum 0.1 over a handful of local batches the plain running buffers stay near their
-      initial values, and a model evaluated with them sits at chance although it learned.
-    averaged: the momentum running buffers, averaged like any parameter (FedAvg as published).
-    frozen: statistics keep their initial (pretrained) values; BatchNorm layers run in eval
-      mode during local training, their affine parameters still train.
-    local: FedBN; each client keeps its BatchNorm parameters and statistics (on disk); the
-      global model carries their sample-weighted average for evaluation.
-    """
-
-    def __init__(self, name: str, model: nn.Module, store: ClientStore | None = None):
-        if name not in BN_POLICIES:
-            raise ValueError(f"bn: {name!r} is not one of {list(BN_POLICIES)}")
-        if name == "local" and store is None:
-            raise ValueError("bn: 'local' needs a ClientStore for the clients' BatchNorm layers")
-        self.name, self.store = name, store
-        self.layers = batchnorm_layers(model)
-        self._momentum = {n: m.momentum for n, m in self.layers.items()}
-        self._keys = [k for k in model.state_dict() if k.rpartition(".")[0] in self.layers]
-
-    def pooled_var(self) -> dict[str, str]:
-        if self.name != "pooled":
-            return {}
-        return {f"{n}.running_var": f"{n}.running_mean" for n, m in self.layers.items() if m.track_running_stats}
-
-    def train_mode(self, model: nn.Module) -> None:
-        model.train()
-        if self.name == "frozen":
-            for m in self.layers.values():
-                m.eval()
-
-    def client_begin(self, model: nn.Module, client: int, round: int) -> None:
-        if self.name == "local":
-            device = next(model.parameters()).device
-            own = self.store.get(client, round, device=device)
-            if own is not None:
-                model.load_state_dict(own, strict=False)
-
-    def epoch_begin(self, last: bool) -> None:
-        if self.name == "pooled" and last:
-            for m in self.layers.values():
-                if m.track_running_stats:
-                    m.reset_running_stats()
-                    m.momentum = None
-
-    def client_end(self, model: nn.Module, client: int, round: int) -> None:
-        for n, m in self.layers.items():
-            m.momentum = self._momentum[n]
-        if self.name == "local":
-            state = model.state_dict()
-            self.store.put(client, round, {k: state[k] for k in self._keys})
-
-
-class FedAvg:
+class FedAvg(Strategy):
     """McMahan et al. 2017: the new global model is the sample-weighted client average.
 
     ``mu > 0`` adds FedProx's proximal term (mu/2)·||w - w_global||², applied as its gradient
@@ -187,16 +79,15 @@ class FedAvg:
 
     name = "fedavg"
 
-    def __init__(self, options: dict, store: ClientStore | None = None, num_clients: int = 1):
-        self.mu = float(options.get("mu") or 0.0)
-        self.store, self.num_clients = store, num_clients
+    def __init__(self, *, mu: float = 0.0):
+        self.mu = float(mu)
         self._anchor: list[torch.Tensor] = []
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return model
 
     def bind(self, model: nn.Module) -> None:
-        """Allocate server state shaped like the model's trainable parameters."""
+        pass
 
     def client_begin(self, model: nn.Module, client: int, round: int, global_state: dict) -> None:
         if self.mu:
@@ -222,9 +113,15 @@ class FedAvg:
 
 
 class FedProx(FedAvg):
-    """Li et al. 2020: FedAvg plus the proximal term (``mu``, default 0.01)."""
+    """Li et al. 2020: FedAvg plus the proximal term."""
 
     name = "fedprox"
+
+    def __init__(self, *, mu: float = 0.01):
+        super().__init__(mu=mu)
+        if not self.mu:
+            # Flower warns the same way: a FedProx run at mu = 0 would be reported as FedProx.
+            warnings.warn("method.mu: fedprox with mu = 0 is fedavg", stacklevel=2)
 
 
 def _device_memory(device: torch.device) -> int:
@@ -245,11 +142,13 @@ class FedSQ(FedAvg):
 
     name = "fedsq"
 
-    def __init__(self, options: dict, store: ClientStore | None = None, num_clients: int = 1):
-        super().__init__(options, store, num_clients)
-        self.gate_maxpool = bool(options.get("gate_maxpool", False))
-        self.regime_cache = options.get("regime_cache", "auto")
-        self.regime_cache_budget = float(options.get("regime_cache_budget", 0.25))
+    def __init__(self, *, mu: float = 0.0, gate_maxpool: bool = False, regime_cache: bool | str = "auto",
+                 regime_cache_budget: float = 0.25):
+        super().__init__(mu=mu)
+        if regime_cache not in ("auto", True, False):
+            raise ValueError(f"method.regime_cache: {regime_cache!r} is not one of auto, true, false")
+        self.gate_maxpool, self.regime_cache = bool(gate_maxpool), regime_cache
+        self.regime_cache_budget = float(regime_cache_budget)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         from fedsq.dualcopy import DualCopy
@@ -301,10 +200,11 @@ class Scaffold(FedAvg):
 
     name = "scaffold"
 
-    def __init__(self, options: dict, store: ClientStore | None = None, num_clients: int = 1):
-        super().__init__(options, store, num_clients)
+    def __init__(self, *, store: ClientStore | None, num_clients: int, mu: float = 0.0):
+        super().__init__(mu=mu)
         if store is None:
             raise ValueError("method.name: scaffold needs a ClientStore for the client control variates")
+        self.store, self.num_clients = store, num_clients
         self.c: dict[str, torch.Tensor] = {}
         self._delta: dict[str, torch.Tensor] = {}
 
@@ -355,12 +255,13 @@ class _ServerOptimizer(FedAvg):
     def bind(self, model: nn.Module) -> None:
         self.buffers = {name: self.initial_buffers(p.detach()) for name, p in trainable(model)}
 
+    @abstractmethod
     def initial_buffers(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """The buffers of parameter ``p`` before the first round."""
 
+    @abstractmethod
     def step(self, delta: torch.Tensor, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
         """The move of one parameter; updates its ``buffers`` in place."""
-        raise NotImplementedError
 
     def server_update(self, global_state: dict, average: dict) -> dict:
         new_state = dict(average)
@@ -378,13 +279,20 @@ class _ServerOptimizer(FedAvg):
 
 
 class FedAvgM(_ServerOptimizer):
-    """Hsu et al. 2019: server SGD with momentum (``server_lr``, ``server_momentum``)."""
+    """Hsu et al. 2019: server SGD with momentum.
+
+    ``server_lr`` None is 1 - ``server_momentum`` (Hsu et al.'s normalisation: a steady-state
+    step of 1, as FedAvg's). ``server_momentum`` 0.5: at 0.9 and server lr 1 the step overshot
+    where the clients measured their BatchNorm statistics, and a resnet18 from scratch
+    evaluated at chance.
+    """
 
     name = "fedavgm"
 
-    def __init__(self, options: dict, store: ClientStore | None = None, num_clients: int = 1):
-        super().__init__(options, store, num_clients)
-        self.server_lr, self.momentum = float(options.get("server_lr") or 1.0), float(options["server_momentum"])
+    def __init__(self, *, server_momentum: float = 0.5, server_lr: float | None = None, mu: float = 0.0):
+        super().__init__(mu=mu)
+        self.momentum = float(server_momentum)
+        self.server_lr = 1.0 - self.momentum if server_lr is None else float(server_lr)
 
     def initial_buffers(self, p):
         return {"m": torch.zeros_like(p)}
@@ -404,10 +312,10 @@ class FedAdam(_ServerOptimizer):
 
     name = "fedadam"
 
-    def __init__(self, options: dict, store: ClientStore | None = None, num_clients: int = 1):
-        super().__init__(options, store, num_clients)
-        self.server_lr, self.betas, self.tau = (
-            float(options.get("server_lr") or 0.01), tuple(options["betas"]), float(options["tau"]))
+    def __init__(self, *, server_lr: float = 0.01, betas: tuple[float, float] = (0.9, 0.99), tau: float = 1e-3,
+                 mu: float = 0.0):
+        super().__init__(mu=mu)
+        self.server_lr, self.betas, self.tau = float(server_lr), tuple(betas), float(tau)
 
     def initial_buffers(self, p):
         # Algorithm 2 starts from m_{-1} = 0 and requires v_{-1} ≥ τ²: τ², its least value, is
@@ -421,12 +329,30 @@ class FedAdam(_ServerOptimizer):
         return self.server_lr * m / (v.sqrt() + self.tau)
 
 
-METHODS: dict[str, type[FedAvg]] = {cls.name: cls for cls in (FedAvg, FedProx, FedSQ, Scaffold, FedAvgM, FedAdam)}
+METHODS: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg, FedProx, FedSQ, Scaffold, FedAvgM, FedAdam)}
+
+# What the engine hands a strategy besides the config's options, for those that take it.
+_RUN_CONTEXT = ("store", "num_clients")
 
 
-def build(options: dict, store: ClientStore | None = None, num_clients: int = 1) -> FedAvg:
-    """The strategy named by ``options["name"]`` (the run config's ``method`` block)."""
-    name = options["name"]
+def method(name: str) -> type[Strategy]:
     if name not in METHODS:
         raise ValueError(f"method.name: {name!r} is not one of {list(METHODS)}")
-    return METHODS[name](options, store, num_clients)
+    return METHODS[name]
+
+
+def defaults(name: str) -> dict:
+    """The options method ``name`` takes (run config keys of ``method``) with their defaults, as
+    config values (lists, not tuples); None where the default depends on another option."""
+    return {key: list(p.default) if isinstance(p.default, tuple) else p.default
+            for key, p in inspect.signature(method(name)).parameters.items() if key not in _RUN_CONTEXT}
+
+
+def build(options: dict, store: ClientStore | None = None, num_clients: int = 1) -> Strategy:
+    """The strategy named by ``options["name"]`` (the run config's ``method`` block), with the
+    options it takes; unset (null) ones keep their defaults, options of other methods are ignored."""
+    cls = method(options["name"])
+    takes = inspect.signature(cls).parameters
+    given = {key: value for key, value in options.items() if key in takes and value is not None}
+    context = {key: value for key, value in (("store", store), ("num_clients", num_clients)) if key in takes}
+    return cls(**given, **context)

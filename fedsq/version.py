@@ -1,7 +1,7 @@
 """The code a run executes: for MLflow's tags and for a checkpoint's fingerprint.
 
-A module of its own, apart from ``tracking``, so that the training process can ask without
-importing MLflow (seconds of imports that ``tracking_process`` keeps out of it).
+A module of its own, apart from ``tracking``, so that the training thread can ask without
+importing MLflow (seconds of imports, done on the run's writer thread).
 """
 
 from __future__ import annotations

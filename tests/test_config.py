@@ -1,9 +1,10 @@
 import json
+from pathlib import Path
 
 import pytest
 import yaml
 
-from fedsq import config
+from fedsq import cli, config
 
 
 def _walk(schema, path=""):
@@ -28,13 +29,31 @@ def test_defaults_fill_an_empty_config_and_validate():
     assert cfg["tags"]["lr_mode"] == "equal"
 
 
-def test_method_specific_defaults_are_resolved():
+def test_method_options_are_filled_from_their_strategy_and_others_stay_null():
     assert config.load({"method": {"name": "fedprox"}})["method"]["mu"] == 0.01
-    assert config.load({"method": {"name": "fedsq"}})["method"]["mu"] == 0.0
-    assert config.load({"method": {"name": "fedadam"}})["method"]["server_lr"] == 0.01
-    assert config.load({"method": {"name": "fedavgm"}})["method"]["server_lr"] == 0.5  # 1 - server_momentum
-    assert config.load({"method": {"name": "fedavgm", "server_momentum": 0.9}})["method"]["server_lr"] == pytest.approx(0.1)
-    assert config.load({"method": {"name": "fedavgm", "server_lr": 2.0}})["method"]["server_lr"] == 2.0
+    fedsq = config.load({"method": {"name": "fedsq"}})["method"]
+    assert (fedsq["mu"], fedsq["gate_maxpool"], fedsq["regime_cache"], fedsq["regime_cache_budget"]) == (0.0, False, "auto", 0.25)
+    assert fedsq["tau"] is None and fedsq["server_momentum"] is None  # fedadam's and fedavgm's
+    assert config.load({"method": {"name": "fedadam"}})["method"]["betas"] == [0.9, 0.99]  # a list, as YAML writes it
+
+
+def test_the_run_schema_lists_what_the_code_registers():
+    import re
+
+    from fedsq import batchnorm, data, models, strategies, weights
+
+    keys = config.SCHEMA["properties"]
+    assert keys["method"]["properties"]["name"]["enum"] == list(strategies.METHODS)
+    assert keys["bn"]["enum"] == list(batchnorm.POLICIES)
+    # Built-ins are an enum beside the pattern of names resolved by their library (or path).
+    assert keys["backbone"]["anyOf"][0]["enum"] == list(models.BUILT_IN)
+    assert keys["dataset"]["anyOf"][0]["enum"] == list(data.SOURCES)
+    # The workflow's weight sources: the named ones and URLs.
+    workflow_schema = yaml.safe_load((Path(__file__).parents[1] / "workflow/schemas/config.schema.yaml").read_text())
+    source = re.compile(workflow_schema["properties"]["backbones"]["additionalProperties"]["properties"]["source"]["pattern"])
+    named = {"default", *(name for b in models.BUILT_IN for name in models.backbone(b).sources)}
+    assert all(source.match(name) for name in named) and not source.match("bogus")
+    assert all(source.match(f"{scheme}host/w.pt") for scheme in weights.URL_SCHEMES)
 
 
 def test_loads_yaml_file_with_overrides(tmp_path):
@@ -54,7 +73,9 @@ def test_load_does_not_mutate_its_input():
 @pytest.mark.parametrize(
     "raw, message",
     [
-        ({"dataset": "mnist"}, "dataset: 'mnist' is not one of ['digits', 'cifar100', 'cinic10']"),
+        ({"dataset": "mnist"}, "dataset: 'mnist' is not valid (prepared dataset (`fedsq data prepare`) under paths.data: "
+                               "digits, cifar100, cinic10, imagefolder:<folder>"),
+        ({"backbone": "vgg"}, "backbone: 'vgg' is not valid (network architecture: alexnet, resnet18, efficientnet_lite0"),
         ({"split": {"sheme": "iid"}}, "unknown key split.sheme (allowed: scheme, alpha,"),
         ({"colour": 1}, "unknown key colour (allowed: dataset,"),
         ({"bn": "batch"}, "bn: 'batch' is not one of ['pooled', 'averaged', 'frozen', 'local']"),
@@ -102,3 +123,13 @@ def test_scientific_notation_is_a_number_in_files_and_overrides(tmp_path):
     cfg = config.load(path, overrides=["method.tau=1e-6"])
     assert cfg["optimizer"]["lr"] == 0.001 and cfg["optimizer"]["weight_decay"] == 0.0005
     assert cfg["method"]["tau"] == 1e-6
+
+
+def test_a_yaml_syntax_error_is_one_line_naming_file_line_and_column(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("rounds: 3\nsplit: {scheme: iid\nseed: 1\n")  # the brace is never closed
+    assert cli.main(["run", "--config", str(path), "--out", str(tmp_path / "out")]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"fedsq run: error: {path}, line 3, column 5: not valid YAML: ")
+    with pytest.raises(ValueError, match=r"^override 'rounds=\[3,', line 1, column 4: not valid YAML: "):
+        config.load({}, overrides=["rounds=[3,"])

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ def test_digits_shapes_dtypes_and_sizes(digits_root):
     assert isinstance(ds.train.x, np.memmap)
     sizes = [len(s.y) for s in (ds.train, ds.val, ds.test)]
     assert sum(sizes) == 1797
-    assert sizes[2] == pytest.approx(1797 * data.DIGITS_TEST_FRACTION, abs=1)
+    assert sizes[2] == pytest.approx(1797 * data.TEST_FRACTION, abs=1)
     assert sizes[1] == pytest.approx((1797 - sizes[2]) * 0.1, abs=1)
 
 
@@ -79,11 +80,11 @@ def test_incomplete_folder_is_not_loaded(tmp_path):
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda root: data.prepare("mnist", root), "unknown dataset 'mnist'; allowed: digits, cifar100, cinic10"),
+        (lambda root: data.prepare("mnist", root), "unknown dataset 'mnist'; allowed: digits, cifar100, cinic10, imagefolder:<folder>, npz:<file>"),
         (lambda root: data.load("mnist", root), "unknown dataset 'mnist'"),
         (lambda root: data.prepare("digits", root, val_fraction=1.5), r"val_fraction must be in \(0, 1\), got 1.5"),
         (lambda root: data.prepare("digits", root, val_fraction=0.001), "val_fraction=0.001 carves 2 of 1437"),
-        (lambda root: data.prepare("digits", root, md5="00"), "digits ships with scikit-learn"),
+        (lambda root: data.prepare("digits", root, md5="00"), "digits is not downloaded; url and md5 do not apply"),
     ],
 )
 def test_bad_arguments_are_clear_errors(tmp_path, call, message):
@@ -93,9 +94,10 @@ def test_bad_arguments_are_clear_errors(tmp_path, call, message):
 
 def test_to_model_input_normalises_and_repeats_grey_channels():
     x = torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1).expand(2, 4, 4, 1)
-    out = data.to_model_input(x, 4, data.IMAGENET_MEAN, data.IMAGENET_STD)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    out = data.to_model_input(x, 4, mean, std)
     assert out.shape == (2, 3, 4, 4) and out.dtype == torch.float32
-    mean, std = torch.tensor(data.IMAGENET_MEAN), torch.tensor(data.IMAGENET_STD)
+    mean, std = torch.tensor(mean), torch.tensor(std)
     torch.testing.assert_close(out[0, :, 0, 0], -mean / std)
     torch.testing.assert_close(out[1, :, 0, 0], (1 - mean) / std)
 
@@ -119,9 +121,9 @@ def test_to_model_input_resizes_whole_batch_bilinearly():
 
 def test_to_model_input_rejects_non_uint8_or_channels_first():
     with pytest.raises(ValueError, match="expected a uint8 N x H x W x C batch"):
-        data.to_model_input(torch.zeros(2, 8, 8, 3), 8)
+        data.to_model_input(torch.zeros(2, 8, 8, 3), 8, (0, 0, 0), (1, 1, 1))
     with pytest.raises(ValueError, match=r"got torch.uint8 \(2, 3, 8, 8\)"):
-        data.to_model_input(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), 8)
+        data.to_model_input(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), 8, (0, 0, 0), (1, 1, 1))
 
 
 def same_images(prepared: data.Split, images: np.ndarray, labels: np.ndarray) -> bool:
@@ -220,3 +222,98 @@ def test_cinic10_with_another_digest_fails_naming_file_and_digests(mirror, tmp_p
     assert str(tmp_path / "cinic10" / "download" / "CINIC-10.tar.gz") in message
     assert data.CINIC10_MD5 in message and tiny.md5 in message
     assert list((tmp_path / "cinic10" / "download").iterdir()) == []
+
+
+def image_folder(root, classes=("cat", "dog", "owl"), per_class=12, size=(10, 10), splits=("train",)):
+    """A tiny ImageFolder-layout folder of PNGs: each class its own colour, each image its own shade."""
+    from PIL import Image
+
+    for split in splits:
+        for label, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            for i in range(per_class):
+                pixel = (80 * label, 20 * i % 256, 255 - 80 * label)
+                Image.new("RGB", size, pixel).save(root / split / name / f"{i:02d}.png")
+    return root
+
+
+def test_imagefolder_is_prepared_like_a_built_in_with_missing_splits_carved(tmp_path):
+    folder = image_folder(tmp_path / "pets")
+    out = data.prepare(f"imagefolder:{folder}", tmp_path / "data", val_fraction=0.1, seed=0)
+    assert out == tmp_path / "data" / "pets" and data.dataset_name(f"imagefolder:{folder}/") == "pets"
+
+    ds = data.load(f"imagefolder:{folder}", tmp_path / "data")
+    assert ds.classes == ("cat", "dog", "owl") and ds.image_shape == (10, 10, 3) and ds.train.x.dtype == np.uint8
+    assert [len(s.y) for s in (ds.train, ds.val, ds.test)] == [25, 3, 8]  # test 20 % of 36, then val 10 % of 28
+    assert np.array_equal(np.bincount(ds.val.y), [1, 1, 1])  # stratified
+    assert all(np.all(s.x[..., 0] == 80 * s.y[:, None, None]) for s in (ds.train, ds.val, ds.test))
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["name"] == "pets" and meta["source"] == str(folder) and meta["digest"].startswith("sha256:")
+    assert meta["recipe"] == {"val_fraction": 0.1, "seed": 0}
+
+
+def test_imagefolder_keeps_its_own_splits_and_resizes_mixed_sizes_once(tmp_path):
+    folder = image_folder(tmp_path / "pets", per_class=2, splits=("train", "val", "test"))
+    from PIL import Image
+
+    Image.new("RGB", (14, 9)).save(folder / "train" / "cat" / "wide.png")
+    with pytest.warns(UserWarning, match=r"images come in 2 sizes .*; all resized to 16 x 16 \(image_size\)") as caught:
+        data.prepare(f"imagefolder:{folder}", tmp_path, image_size=16)
+    assert len(caught) == 1
+    ds = data.load(f"imagefolder:{folder}", tmp_path)
+    assert [len(s.y) for s in (ds.train, ds.val, ds.test)] == [7, 6, 6] and ds.image_shape == (16, 16, 3)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda f: (f / "train" / "owl" / "00.png").write_bytes(b"not a png"), r"1 unreadable image\(s\) in .*owl/00.png"),
+        (lambda f: [p.unlink() for p in (f / "train" / "owl").iterdir()], r"train/owl: empty class folder"),
+        (lambda f: [shutil.rmtree(f / "train" / c) for c in ("dog", "owl")], r"train: 1 class folder\(s\) \['cat'\]; a classifier needs at least two"),
+        (lambda f: (f / "test" / "emu").mkdir(parents=True), r"test: class folders \['emu'\] are not in train/"),
+        (lambda f: shutil.rmtree(f / "train"), "no train/ folder"),
+    ],
+    ids=["unreadable", "empty-class", "one-class", "unknown-class", "no-train"],
+)
+def test_imagefolder_problems_are_clear_errors_naming_the_file(tmp_path, damage, message):
+    folder = image_folder(tmp_path / "pets", per_class=2)
+    damage(folder)
+    with pytest.raises(ValueError, match=message):
+        data.prepare(f"imagefolder:{folder}", tmp_path / "data")
+
+
+def test_npz_arrays_are_prepared_like_a_built_in(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (40, 6, 6), dtype=np.uint8), np.arange(40) % 4
+    np.savez(tmp_path / "blobs.npz", x_train=x, y_train=y, x_test=x[:8, ..., None], y_test=y[:8])  # N x H x W, N x H x W x C
+    data.prepare(f"npz:{tmp_path / 'blobs.npz'}", tmp_path / "data", val_fraction=0.2)
+    ds = data.load(f"npz:{tmp_path / 'blobs.npz'}", tmp_path / "data")
+    assert ds.classes == ("0", "1", "2", "3") and ds.image_shape == (6, 6, 1)
+    assert [len(s.y) for s in (ds.train, ds.val, ds.test)] == [32, 8, 8]  # its own test split; val carved
+    assert same_images(data.Split(np.concatenate([ds.train.x, ds.val.x]), np.concatenate([ds.train.y, ds.val.y])), x[..., None], y)
+    assert same_images(ds.test, x[:8, ..., None], y[:8])
+
+
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        (dict(x_train=np.zeros((4, 5, 5), np.uint8)), r"no array y_train \(it holds x_train\)"),
+        (dict(x_train=np.zeros((4, 5, 5)), y_train=np.arange(4) % 2), "x_train must be uint8"),
+        (dict(x_train=np.zeros((4, 5, 5), np.uint8), y_train=np.zeros(4, int)), r"at least 2 classes.*\[4\]"),
+        (dict(x_train=np.zeros((4, 5, 5), np.uint8), y_train=np.array([0, 0, 2, 2])), r"per label: \[2, 0, 2\]"),
+        (dict(x_train=np.zeros((4, 5, 5), np.uint8), y_train=np.arange(4) % 2, x_val=np.zeros((1, 5, 5), np.uint8)), "no array y_val"),
+    ],
+    ids=["no-labels", "float-images", "one-class", "label-gap", "val-without-labels"],
+)
+def test_npz_problems_are_clear_errors_naming_the_file(tmp_path, arrays, message):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(ValueError, match=message) as caught:
+        data.prepare(f"npz:{tmp_path / 'bad.npz'}", tmp_path / "data")
+    assert str(tmp_path / "bad.npz") in str(caught.value)
+
+
+def test_own_dataset_names_must_be_safe_and_not_a_built_in(tmp_path):
+    with pytest.raises(ValueError, match="would be prepared over the built-in digits"):
+        data.dataset_name(f"imagefolder:{tmp_path / 'digits'}")
+    with pytest.raises(ValueError, match="'my pets' is not a safe folder name"):
+        data.dataset_name(f"imagefolder:{tmp_path / 'my pets'}")

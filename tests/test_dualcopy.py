@@ -1,4 +1,11 @@
-"""DualCopy: the properties of DESIGN.md §1 (1-5) on the three backbones and on tiny known-answer nets."""
+"""DualCopy (fedsq/dualcopy.py, README's introduction) on the three backbones and on tiny known-answer nets:
+
+1. at initialisation (Q = S) it computes the pretrained model's logits, in eval mode;
+2. training never changes a mask: masks are a function of the input and S alone;
+3. S gets no gradient and no optimizer state; only Q's parameters are in the state dict;
+4. ReLU (2 regimes), ReLU6 (3 regimes) and, as an option, max-pooling (S's argmax) are gated;
+5. evaluation uses the same gated forward pass.
+"""
 
 import copy
 
@@ -16,6 +23,8 @@ BACKBONES = [
     ("alexnet", 63, 7, 3),  # 5 conv + 2 fc ReLUs
     ("resnet18", 32, 17, 1),  # stem + 2 per BasicBlock (one ReLU module, two call sites) x 8
     ("efficientnet_lite0", 32, 33, 0),  # stem + 1 (first block) + 2 x 15 blocks + head
+    ("torchvision/vgg11_bn", 32, 10, 5),  # 8 conv + 2 fc ReLUs
+    ("timm/resnet10t", 32, 11, 1),  # 3 in the deep stem + 2 per BasicBlock x 4
 ]
 
 
@@ -36,6 +45,12 @@ def test_identical_logits_at_initialisation(name, size, activations, pools, gate
     regimes = record_regimes(dual.structural, x, gate_maxpool)
     assert sum(isinstance(r, ClampRegime) for r in regimes) == activations
     assert sum(isinstance(r, PoolRegime) for r in regimes) == (pools if gate_maxpool else 0)
+
+
+def test_a_network_with_other_activations_is_refused_naming_the_first():
+    model = _backbone("torchvision/mobilenet_v3_small")
+    with pytest.raises(ValueError, match="module 'features.0.2' is a Hardswish; FedAvg and FedProx run on it"):
+        DualCopy(model)
 
 
 def test_a_module_called_twice_gets_one_regime_per_call_site():

@@ -2,13 +2,16 @@
 divergence, BatchNorm policy, and that every method learns."""
 
 import json
+import socket
+import threading
+import time
 
 import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from fedsq import config, engine
+from fedsq import cli, config, engine
 
 CHANCE = 0.1
 
@@ -30,6 +33,7 @@ def read_metrics(out):
 def test_run_writes_metrics_summary_and_one_mlflow_run(digits_root, mlflow_uri, tmp_path):
     cfg = make_cfg(digits_root, mlflow_uri, "rounds=2", "eval.drift_every=2", "eval.targets=[0.0, 1.0]")
     summary = engine.run(cfg, tmp_path)
+    assert not [t for t in threading.enumerate() if t.name.startswith("fedsq-outputs")]  # nothing left running
 
     metrics = read_metrics(tmp_path)
     assert list(metrics.columns) == engine.METRICS_COLUMNS
@@ -61,6 +65,7 @@ def test_run_writes_metrics_summary_and_one_mlflow_run(digits_root, mlflow_uri, 
     assert run.info.status == "FINISHED"
     assert run.data.params["split.scheme"] == "iid" and run.data.params["lr_source"] == "config"
     assert run.data.tags["method"] == "fedavg" and "code_version" in run.data.tags
+    assert {"env.python", "env.torch", "env.device"} <= set(run.data.tags)  # what the run executed on
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [0, 1, 2]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"metrics.csv", "summary.json", "partition"} <= artifacts
@@ -99,13 +104,27 @@ def test_divergence_names_round_and_client_fails_the_mlflow_run_and_writes_no_su
     assert [r.info.status for r in runs] == ["FAILED"]
 
 
-def test_a_tracking_failure_on_the_background_thread_stops_the_run(digits_root, tmp_path):
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("store", ["server", "sqlite"])
+def test_an_unusable_store_stops_the_run_in_one_line_before_anything_is_built(
+    store, digits_root, tmp_path, monkeypatch, capsys
+):
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("")
-    cfg = make_cfg(digits_root, f"sqlite:///{not_a_folder}/mlflow.db", "rounds=2")
-    with pytest.raises(OSError, match="file"):
-        engine.run(cfg, tmp_path / "run")
-    assert not (tmp_path / "run" / "summary.json").exists()
+    uri = f"http://127.0.0.1:{closed_port()}" if store == "server" else f"sqlite:///{not_a_folder}/mlflow.db"
+    (tmp_path / "run.yaml").write_text(json.dumps(make_cfg(digits_root, uri)))  # JSON is YAML
+    monkeypatch.setattr(engine, "Simulation", lambda *args: pytest.fail("data and model built"))
+    started = time.monotonic()
+    assert cli.main(["run", "--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "run")]) == 2
+    assert time.monotonic() - started < 30
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"fedsq run: error: tracking store {uri}")
+    assert not (tmp_path / "run").exists()
 
 
 def test_test_split_is_evaluated_at_every_new_best_whatever_test_every(digits_root, mlflow_uri, tmp_path, monkeypatch):

@@ -40,6 +40,7 @@ def test_fedsq_adds_exactly_one_forward_pass():
     assert fedsq.forward == 2 * plain.forward  # the structural copy's forward, then the quantitative copy's
     assert fedsq.backward == plain.backward  # no gradient flows into the structural copy
     assert fedsq.plain == plain.forward
+    assert estimate.image_flops("resnet18", 32, 10, {"name": "scaffold"}) == plain  # built without a client store
 
 
 @pytest.mark.parametrize("regime_cache", [False, "auto"])

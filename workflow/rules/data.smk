@@ -15,4 +15,4 @@ rule data_prepare:
     conda:
         "../envs/fedsq.yaml"
     shell:
-        "python -m fedsq data prepare {wildcards.dataset} --root {params.root} {params.args} > {log} 2>&1"
+        "python -m fedsq data prepare {params.args} --root {params.root} > {log} 2>&1"

@@ -15,6 +15,7 @@ rule partition:
             labels={"split": "{split}", "seed": "{seed}"},
         ),
     params:
+        dataset=lambda wildcards: shlex.quote(DATASETS[wildcards.dataset]),
         data_root=lambda wildcards, input: Path(input.data).parent.parent,
         out=lambda wildcards, output: Path(output.partition).parent,
         args=partition_args(),
@@ -25,6 +26,6 @@ rule partition:
     conda:
         "../envs/fedsq.yaml"
     shell:
-        "python -m fedsq partition --dataset {wildcards.dataset} --data-root {params.data_root}"
+        "python -m fedsq partition --dataset {params.dataset} --data-root {params.data_root}"
         " --split {wildcards.split} --seed {wildcards.seed} {params.args}"
         " --out {params.out} > {log} 2>&1"
