@@ -27,8 +27,10 @@ prepared dataset), optional ``data-root``, ``weights-root`` and ``state-dir`` (w
 state lives: SCAFFOLD's c_i, FedBN's layers).
 
 Flower run config: ``config`` (path of the fedsq run config), ``out`` (the run folder),
-``connect-timeout``, ``round-timeout`` (seconds), ``min-train-nodes`` (replies a round needs;
-0 = every sampled client).
+``connect-timeout`` (seconds for split.num_clients SuperNodes to connect, and again for them to
+answer the first message, which builds their data and model), ``round-timeout`` (seconds a
+round, or the final client evaluation, waits for replies), ``min-train-nodes`` (replies a round
+needs; 0 = every sampled client).
 """
 
 from __future__ import annotations
@@ -159,12 +161,12 @@ class FederatedSimulation(engine.Simulation):
     def _settings(self, **values) -> ConfigRecord:
         return ConfigRecord({"run": self.run_json} | values)
 
-    def _exchange(self, message_type: str, node_ids: list[int], content: RecordDict, need: int,
-                  what: str) -> dict[int, RecordDict]:
-        """Send ``content`` to the nodes and wait (``round-timeout``) for their replies: the good
-        ones by node id, or an error naming every node that failed or did not answer when fewer
-        than ``need`` answered."""
-        timeout = float(self.options["round-timeout"])
+    def _exchange(self, message_type: str, node_ids: list[int], content: RecordDict, need: int, what: str,
+                  timeout_key: str = "round-timeout") -> dict[int, RecordDict]:
+        """Send ``content`` to the nodes and wait (option ``timeout_key``) for their replies: the
+        good ones by node id, or an error naming every node that failed or did not answer when
+        fewer than ``need`` answered."""
+        timeout = float(self.options[timeout_key])
         messages = [Message(content, dst_node_id=node, message_type=message_type) for node in node_ids]
         replies, failures = {}, {}
         for reply in self.grid.send_and_receive(messages, timeout=timeout):
@@ -173,7 +175,7 @@ class FederatedSimulation(engine.Simulation):
                 failures[node] = f"node {node}: {reply.error.reason}"
             else:
                 replies[node] = reply.content
-        failures |= {node: f"node {node}: no reply within {timeout:g} s (round-timeout)"
+        failures |= {node: f"node {node}: no reply within {timeout:g} s ({timeout_key})"
                      for node in node_ids if node not in replies and node not in failures}
         if len(replies) < need:
             raise FederationError(f"{what}: {len(replies)} of {len(node_ids)} nodes replied, {need} needed; "
@@ -191,8 +193,9 @@ class FederatedSimulation(engine.Simulation):
                 raise FederationError(f"{len(node_ids)} SuperNodes connected within {self.options['connect-timeout']} s "
                                       f"(connect-timeout), split.num_clients is {wanted}")
             time.sleep(1)
+        # The first message builds each node's data and model: it may take longer than a round.
         replies = self._exchange(MessageType.QUERY, node_ids, RecordDict({"settings": self._settings()}),
-                                 need=len(node_ids), what="enrolment")
+                                 need=len(node_ids), what="enrolment", timeout_key="connect-timeout")
         described = {int(reply["metrics"]["client"]): (node, reply["metrics"]) for node, reply in replies.items()}
         if sorted(described) != list(range(wanted)) or len(described) != len(node_ids):
             ids = sorted(int(reply["metrics"]["client"]) for reply in replies.values())
