@@ -48,8 +48,8 @@ def messages(monkeypatch):
     seen: list = []
     exchange = flower.FederatedSimulation._exchange
 
-    def recording(self, message_type, node_ids, content, need, what):
-        replies = exchange(self, message_type, node_ids, content, need, what)
+    def recording(self, message_type, node_ids, content, *args, **kwargs):
+        replies = exchange(self, message_type, node_ids, content, *args, **kwargs)
         seen.append(content)
         seen.extend(replies.values())
         return replies
