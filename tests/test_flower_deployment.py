@@ -149,7 +149,7 @@ def test_deployment_runs_fedsq_on_each_nodes_data_and_a_lost_node_fails_the_run(
     assert [r.info.run_id for r in runs] == [summary["mlflow_run_id"]] and runs[0].info.status == "FINISHED"
 
     # A node lost mid-round: the round, and the run, fail loudly instead of waiting for it.
-    run_id = submit(tmp_path / "lost", "round-timeout=30.0")
+    run_id = submit(tmp_path / "lost", "round-timeout=20.0")
     wait_for(lambda: (tmp_path / "lost" / "metrics.csv").exists() or status(run_id).startswith("finished"),
              "round 0's evaluation", federation, run_id, every_s=2)
     assert (tmp_path / "lost" / "metrics.csv").exists(), federation.flwr("log", run_id)[-3000:]
