@@ -9,7 +9,7 @@ CORES  ?= 2
 $(BIN)/fedsq: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install -e '.[test,flower]'
 	touch $@
 
 install: $(BIN)/fedsq

@@ -63,6 +63,13 @@ def _run(args: argparse.Namespace) -> None:
     print(f"best_val_acc={summary['best_val_acc']:.4f} at round {summary['best_round']}; summary in {args.out}")
 
 
+def _flower_simulate(args: argparse.Namespace) -> None:
+    from fedsq import flower
+
+    flower.simulate(Path(args.config), Path(args.out), args.cpus_per_client, args.gpus_per_client)
+    print(f"Flower simulation finished; summary in {args.out}")
+
+
 def _calibrate(args: argparse.Namespace) -> None:
     from fedsq import calibrate, gpu_slots
 
@@ -171,6 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="one federated training run")
     _add_run_config_args(p)
     p.set_defaults(func=_run)
+
+    flower = sub.add_parser("flower", help="Flower (needs fedsq[flower])").add_subparsers(dest="action", required=True)
+    p = flower.add_parser("simulate", help="one federated run in Flower's simulation engine (fedsq.flower)")
+    p.add_argument("--config", required=True, help="run config YAML (see config/README.md)")
+    p.add_argument("--out", required=True, help="output folder (checkpoint, metrics.csv, summary.json)")
+    p.add_argument("--cpus-per-client", type=float, default=None, help="CPUs a ClientApp takes (default: all)")
+    p.add_argument("--gpus-per-client", type=float, default=0.0, help="GPUs a ClientApp takes (fractions share one)")
+    p.set_defaults(func=_flower_simulate)
 
     p = sub.add_parser("calibrate", help="pick the learning rate by a short fine-tune over a grid")
     _add_run_config_args(p)

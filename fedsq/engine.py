@@ -187,6 +187,9 @@ class Simulation:
         self.bn.train_mode(model)
         x_all, y_all = self.splits["train"]
         order_rng = np.random.default_rng((cfg["seed"], round, client))
+        # Whatever draws from torch's generator (dropout) draws as this client would alone: its
+        # training is the same wherever it runs (in this loop, or on its own Flower SuperNode).
+        torch.manual_seed(int(np.random.SeedSequence((cfg["seed"], round, client)).generate_state(1)[0]))
         num_batches = math.ceil(len(indices) / cfg["batch_size"])
         loss_sum, steps = torch.zeros((), device=self.device), 0
         for epoch in range(epochs):
@@ -209,10 +212,14 @@ class Simulation:
         self.strategy.client_end(model, client, round, steps, lr, cfg["optimizer"]["momentum"], global_state)
         return _check_finite(loss_sum, round, client), len(indices) * epochs
 
+    def new_average(self) -> WeightedAverage:
+        """The running average of one round's client states, BatchNorm statistics pooled as the policy says."""
+        return WeightedAverage(self.bn.pooled_var())
+
     def train_round(self, round: int, lr: float, global_state: dict,
                     after_client: Callable[[], None] = lambda: None) -> tuple[dict, float, int]:
         """One round over the sampled clients; returns (new global state, mean train loss, samples)."""
-        average = WeightedAverage(self.bn.pooled_var())
+        average = self.new_average()
         loss_sum, samples = 0.0, 0
         clients = sample_clients(self.cfg, round)
         for client in tqdm(clients, desc=f"round {round} clients", leave=False, unit="client"):
@@ -259,6 +266,10 @@ class Simulation:
         """(accuracy, mean cross-entropy) on a split; "val" on its eval.val_size subset."""
         correct, losses = self.predict(split, self.val_subset if split == "val" else None)
         return correct.sum().item() / len(correct), losses.double().mean().item()
+
+    def write_partition(self, folder: Path) -> None:
+        """The partition made here (its indices and class counts), for the run's MLflow artifacts."""
+        partition.write(self.parts, self.splits["train"][1].cpu().numpy(), folder, self.num_classes)
 
     def client_accuracy(self) -> np.ndarray:
         """Accuracy on each client's own training samples, from one pass over the training set."""
@@ -397,8 +408,12 @@ def _finish_tracking(mirror: Future, summary: dict, out_dir: Path) -> None:
                       f"answers, `fedsq tracking sync {out_dir}` replays them", stacklevel=2)
 
 
-def run(cfg: dict, out_dir: Path) -> dict:
-    """Run (or resume, or skip if finished) the federated run ``cfg`` in ``out_dir``; return its summary."""
+def run(cfg: dict, out_dir: Path, simulation: Callable[[dict, Path], Simulation] = Simulation) -> dict:
+    """Run (or resume, or skip if finished) the federated run ``cfg`` in ``out_dir``; return its summary.
+
+    ``simulation`` builds the run's ``Simulation`` from (cfg, out_dir): ``fedsq.flower`` passes one
+    whose clients train on Flower SuperNodes.
+    """
     out_dir = Path(out_dir)
     summary_path, ckpt_path = out_dir / "summary.json", out_dir / "checkpoint.pt"
     cfg = json.loads(json.dumps(cfg))  # the form it takes in summary.json and the checkpoint
@@ -431,7 +446,7 @@ def run(cfg: dict, out_dir: Path) -> dict:
             config.flatten(cfg) | {"lr": lr, "lr_source": lr_source},
             environment.describe(resolve_device(cfg["device"])))
         try:
-            sim = Simulation(cfg, out_dir)
+            sim = simulation(cfg, out_dir)
             summary = _simulate(cfg, lr, fingerprint, sim, saved, outputs, mirror, out_dir, started) | {
                 "lr": lr, "lr_source": lr_source,
                 "tags": {k: tags[k] for k in ("dataset", "backbone", "split", "method", "seed", "lr_mode", "bn")},
@@ -457,9 +472,8 @@ def run(cfg: dict, out_dir: Path) -> dict:
 def _simulate(cfg: dict, lr: float, fingerprint: dict, sim: Simulation, saved: checkpoint.RunState | None,
               outputs: SerialWorker, mirror: Future, out_dir: Path, started: float) -> dict:
     """The rounds from the first unfinished one; returns the summary's figures."""
-    if sim.partition_dir is None:  # the stats of the partition made here, for the run's MLflow artifacts
-        outputs.submit(partition.write, sim.parts, sim.splits["train"][1].cpu().numpy(), out_dir / "partition",
-                       sim.num_classes)
+    if sim.partition_dir is None:
+        outputs.submit(sim.write_partition, out_dir / "partition")
     if saved is None:
         global_state, rows, samples, elapsed_before, first = sim.global_state(), [], 0, 0.0, 0
     else:

@@ -195,13 +195,18 @@ def _heatmap(counts: pd.DataFrame, path: Path) -> None:
     fig.savefig(path, dpi=120, format="png")
 
 
-def write(parts: list[np.ndarray], labels: np.ndarray, out_dir: Path, num_classes: int) -> Path:
-    """Write partition.npz (client_0, client_1, ...), class_counts.csv and heatmap.png; return out_dir."""
+def write_counts(counts: pd.DataFrame, out_dir: Path) -> Path:
+    """Write class_counts.csv and heatmap.png of a clients x classes table; return out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    counts = class_counts(parts, labels, num_classes)
     write_atomic(out_dir / "class_counts.csv", lambda p: counts.to_csv(p))
     write_atomic(out_dir / "heatmap.png", lambda p: _heatmap(counts, p))
+    return out_dir
+
+
+def write(parts: list[np.ndarray], labels: np.ndarray, out_dir: Path, num_classes: int) -> Path:
+    """Write partition.npz (client_0, client_1, ...), class_counts.csv and heatmap.png; return out_dir."""
+    out_dir = write_counts(class_counts(parts, labels, num_classes), out_dir)
 
     def save_npz(p: Path) -> None:
         with open(p, "wb") as f:  # a file object keeps numpy from appending ".npz" to the temp name

@@ -61,6 +61,24 @@ class Strategy(ABC):
         """The next global state, from the sample-weighted average of the clients' states
         (``aggregate.WeightedAverage``)."""
 
+    # Where clients train elsewhere (``fedsq.flower``), the server state they use travels to them
+    # and what they add to it travels back; in the engine's single process both stay in place.
+
+    def broadcast(self) -> dict[str, torch.Tensor]:
+        """Server state a client needs for ``client_begin`` (SCAFFOLD: the control variate c)."""
+        return {}
+
+    def receive_broadcast(self, tensors: dict[str, torch.Tensor]) -> None:
+        """On a client: take ``broadcast()``'s tensors as the server state."""
+
+    def client_report(self) -> dict[str, torch.Tensor]:
+        """On a client, after ``client_end``: what it adds to the server state, handed over (and
+        forgotten here), for the server's ``server_collect``."""
+        return {}
+
+    def server_collect(self, report: dict[str, torch.Tensor]) -> None:
+        """On the server, before ``server_update``: take in one client's ``client_report()``."""
+
     @abstractmethod
     def state_dict(self) -> dict:
         """Server state a resumed run needs (tensors and plain values: it goes into the checkpoint)."""
@@ -231,6 +249,23 @@ class Scaffold(FedAvg):
             new_c_i[name] = self._c_i[name] - self.c[name] + (global_state[name] - p.detach()) / divisor
             self._delta[name] += new_c_i[name] - self._c_i[name]
         self.store.put(client, round, new_c_i)
+
+    def broadcast(self) -> dict[str, torch.Tensor]:
+        return self.c
+
+    def receive_broadcast(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, value in tensors.items():
+            self.c[name].copy_(value)
+
+    def client_report(self) -> dict[str, torch.Tensor]:
+        report = {name: delta.clone() for name, delta in self._delta.items()}
+        for delta in self._delta.values():
+            delta.zero_()
+        return report
+
+    def server_collect(self, report: dict[str, torch.Tensor]) -> None:
+        for name, delta in report.items():
+            self._delta[name] += delta
 
     def server_update(self, global_state: dict, average: dict) -> dict:
         for name in self.c:

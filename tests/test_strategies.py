@@ -170,6 +170,39 @@ def test_scaffold_control_variates_follow_option_two_and_live_on_disk(tmp_path):
     assert torch.allclose(params[index].grad, strategy.c[name] - c_1[name], atol=1e-6)
 
 
+def test_scaffold_variates_travelling_between_server_and_clients_equal_them_in_one_process(tmp_path):
+    # The engine: one Scaffold object is server and clients. Flower (fedsq.flower): c travels to
+    # each client (broadcast), the change of its c_i back to the server (client_report).
+    model = tiny()
+    one = strategies.build(options("scaffold"), ClientStore(tmp_path / "one"), num_clients=3)
+    server = strategies.build(options("scaffold"), ClientStore(tmp_path / "server"), num_clients=3)
+    node = strategies.build(options("scaffold"), ClientStore(tmp_path / "node"), num_clients=3)
+    for strategy in (one, server, node):
+        strategy.bind(model)
+    torch.manual_seed(0)
+    data = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(2)]
+    states = {"one": {k: v.clone() for k, v in model.state_dict().items()}}
+    states["apart"] = copy.deepcopy(states["one"])
+    for round in (1, 2):
+        averages = {}
+        for form, strategy in (("one", one), ("apart", node)):
+            average = WeightedAverage()
+            for client, (x, y) in enumerate(data):
+                if form == "apart":
+                    node.receive_broadcast(server.broadcast())
+                _client_step(strategy, model, states[form], x, y, client=client, round=round)
+                if form == "apart":
+                    server.server_collect(node.client_report())
+                average.add(model.state_dict(), 8)
+            averages[form] = average.result()
+        states = {"one": one.server_update(states["one"], averages["one"]),
+                  "apart": server.server_update(states["apart"], averages["apart"])}
+        assert all(torch.equal(one.c[n], server.c[n]) for n in one.c)
+        assert any(server.c[n].abs().sum() > 0 for n in server.c)
+        assert all(not d.any() for d in node._delta.values())  # handed over, none kept back
+    assert all(torch.equal(states["one"][k], states["apart"][k]) for k in states["one"])
+
+
 @pytest.mark.parametrize("steps", [1, 3, 20])
 def test_scaffold_recovers_a_constant_gradient_through_momentum_sgd(tmp_path, steps):
     lr, momentum = 0.05, 0.9
