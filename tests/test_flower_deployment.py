@@ -61,6 +61,16 @@ class Federation:
     def log(self, name: str) -> str:
         return (self.folder / f"{name}.log").read_text()
 
+    def wait_listening(self, name: str, port: int) -> None:
+        """Until ``name`` accepts connections on ``port``: a loaded machine takes seconds to start it."""
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+            assert self.processes[name].poll() is None, f"{name} exited:\n{self.log(name)[-3000:]}"
+            assert time.monotonic() < deadline, f"{name} not listening on {port} after {WAIT_S} s"
+            time.sleep(0.5)
+
     def flwr(self, *args: str) -> str:
         done = subprocess.run(["flwr", *args], capture_output=True, text=True, env=self.env, cwd=REPO, timeout=60)
         assert done.returncode == 0, f"flwr {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
@@ -114,6 +124,7 @@ def test_deployment_runs_fedsq_on_each_nodes_data_and_a_lost_node_fails_the_run(
     # fedsq is installed here: nothing for the SuperLink to install at run time.
     federation.start("superlink", "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
                      "--host", "127.0.0.1", "--port", str(superlink))
+    federation.wait_listening("superlink", superlink)
     for node, (own, port) in enumerate(zip(node_data(digits_root, tmp_path), (org0, org1))):
         federation.start(f"org{node}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{superlink}",
                          "--port", str(port), "--node-config",
