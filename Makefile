@@ -6,10 +6,13 @@ CORES  ?= 2
 
 .PHONY: demo evidence test gpu-smoke install lock clean
 
-$(BIN)/fedsq: pyproject.toml
+# The versions of requirements.lock (-c: constraints, so other platforms skip what they lack):
+# without them pip's resolver backtracks for many minutes through mlflow's releases to meet
+# flwr's and Snakemake's pins. After changing pyproject's dependencies, `make lock` again.
+$(BIN)/fedsq: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -e '.[test,flower]'
+	$(BIN)/pip install -c requirements.lock -e '.[test,flower]'
 	touch $@
 
 install: $(BIN)/fedsq
