@@ -131,7 +131,7 @@ def test_deployment_runs_fedsq_on_each_nodes_data_and_a_lost_node_fails_the_run(
                          f"partition-id={node} dataset='npz:{own}' data-root='{tmp_path / f'org{node}-data'}' "
                          f"state-dir='{tmp_path / f'org{node}-state'}'")
     home = tmp_path / "flwr-home"
-    home.mkdir()
+    home.mkdir(exist_ok=True)  # FLWR_HOME: the SuperLink may have made it already
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "deployment"\n\n[superlink.deployment]\n'
         f'address = "127.0.0.1:{superlink}"\ninsecure = true\n')
