@@ -112,7 +112,7 @@ def client_app() -> ClientApp:
     @app.query()
     def describe(msg: Message, context: Context) -> Message:
         sim, client, indices = _client(msg, context)
-        counts = np.bincount(sim.splits["train"][1].cpu().numpy()[indices], minlength=sim.num_classes)
+        counts = partition.class_counts([indices], sim.splits["train"][1].cpu().numpy(), sim.num_classes).iloc[0]
         metrics = MetricRecord({"client": client, "num-examples": len(indices),
                                 "class-counts": [int(c) for c in counts]})
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)
