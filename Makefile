@@ -24,15 +24,19 @@ demo: install
 	@echo "Tables: results/tables/  plots: results/plots/  report: results/report.html"
 	@echo "MLflow: $(BIN)/mlflow ui --backend-store-uri sqlite:///results/mlflow.db"
 
-# The evidence grid: 5 seeds, paired verdicts; under 2 hours on 2 cores. In its own folder
-# (evidence/), so it never mixes with the demo's runs; then the README's results section.
+# The evidence grid (config/evidence.yaml) in its own folder (evidence/), so it never mixes with
+# the demo's runs. Every finished run's record goes to evidence/records/ (committed); a record whose
+# key still matches is reused, so a grid longer than one sitting continues where the last one
+# stopped, on any machine. Each sitting's time is appended to evidence/records/sittings.csv; then
+# the README's evidence section is written from the records.
 EVIDENCE := evidence
 evidence: install
-	mkdir -p $(EVIDENCE) && date -u +%s > $(EVIDENCE)/started
+	mkdir -p $(EVIDENCE)/records
+	started=$$(date -u +%s); \
 	$(BIN)/snakemake --snakefile $(CURDIR)/Snakefile --directory $(EVIDENCE) --configfile $(CURDIR)/config/evidence.yaml \
-		--cores $(CORES) --keep-going; status=$$?; times > $(EVIDENCE)/cpu_times; exit $$status
-	date -u +%s > $(EVIDENCE)/finished
-	$(BIN)/python scripts/readme_results.py $(EVIDENCE)/results
+		--cores $(CORES) --keep-going; status=$$?; times > $(EVIDENCE)/cpu_times; \
+	$(BIN)/python scripts/evidence_sitting.py $(EVIDENCE) $$started; exit $$status
+	$(BIN)/python scripts/readme_results.py $(EVIDENCE)/records
 
 test: install
 	$(BIN)/python -m pytest

@@ -5,7 +5,10 @@ fedsq, the plain network for the others), because at toy scale the plain and Dua
 models picked different rates and the gap that made looked like a method effect. Two modes:
 
 - central: the paper's step; fine-tune on the pooled training set for a few epochs.
-- federated: a few short federated rounds of the method itself, scored by the best round.
+- federated: federated rounds of the method itself, scored by the best validation accuracy of
+  any round; with ``rounds`` None, the run's whole budget on a tuning seed, which is how the
+  evidence grid tunes each method (the lr that wins two central epochs need not win federated
+  training). Each lr's validation curve is kept in the result.
 
 A run config uses the pick with ``optimizer: {lr: calibrated}`` and ``calibration: <json>``.
 """
@@ -20,15 +23,17 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from fedsq.engine import Diverged, Simulation
+from fedsq import records
+from fedsq.engine import Diverged, Simulation, _fingerprint
 from fedsq.files import write_atomic
 
 DEFAULT_LRS = (0.001, 0.003, 0.01, 0.03, 0.1)
 MODES = ("central", "federated")
 
 
-def _score(cfg: dict, lr: float, mode: str, epochs: int, rounds: int) -> tuple[float | None, str]:
-    """(validation accuracy reached with ``lr``, None if it diverged; the model class trained).
+def _score(cfg: dict, lr: float, mode: str, epochs: int, rounds: int) -> tuple[float | None, list[float], str]:
+    """(validation accuracy reached with ``lr``, None if it diverged; the validation accuracy of
+    each round from round 0 (federated mode); the model class trained).
 
     Federated mode scores the best round.
     """
@@ -40,29 +45,43 @@ def _score(cfg: dict, lr: float, mode: str, epochs: int, rounds: int) -> tuple[f
             if mode == "central":
                 pooled = np.arange(len(sim.splits["train"][1]))
                 sim.train_client(0, pooled, 1, lr, state, epochs=epochs)
-                return sim.evaluate("val")[0], form
-            best = 0.0
-            for r in range(1, rounds + 1):
+                return sim.evaluate("val")[0], [], form
+            curve = [sim.evaluate("val")[0]]
+            for r in tqdm(range(1, rounds + 1), desc=f"lr {lr:g}", unit="round", leave=False):
                 state, _, _ = sim.train_round(r, lr, state)
                 sim.model.load_state_dict(state)
-                best = max(best, sim.evaluate("val")[0])
-            return best, form
+                curve.append(sim.evaluate("val")[0])
+            return max(curve[1:]), curve, form
         except Diverged:
-            return None, form
+            return None, curve if mode == "federated" else [], form
 
 
-def calibrate(cfg: dict, out_json: Path, lrs=None, mode: str = "central", epochs: int = 2, rounds: int = 3) -> dict:
-    """Score each lr, write ``out_json`` and return {lr, mode, method, scores: {lr: val_acc}, ...}."""
+def calibrate(cfg: dict, out_json: Path, lrs=None, mode: str = "central", epochs: int = 2, rounds: int | None = 3,
+              record: Path | None = None) -> dict:
+    """Score each lr, write ``out_json`` and return {lr, mode, method, scores: {lr: val_acc}, ...}.
+
+    ``rounds`` None: the run config's rounds. ``record``: a JSON file the result is copied to; a
+    result there with this calibration's record key (``fedsq.records``) is taken instead of training.
+    """
     if mode not in MODES:
         raise ValueError(f"calibration mode {mode!r}: allowed are {', '.join(MODES)}")
     lrs = sorted(float(lr) for lr in (lrs or DEFAULT_LRS))
     if not lrs or lrs[0] <= 0:
         raise ValueError(f"lrs: {lrs} must be positive learning rates")
     cfg = copy.deepcopy(cfg)
-    scores = {}
+    budget = {"epochs": epochs} if mode == "central" else {"rounds": rounds or cfg["rounds"]}
+    cfg["optimizer"]["lr"] = lrs[0]  # a number: the key is of the candidates, below
+    record_key = records.key(_fingerprint(cfg, None)) | {"calibration": {"lrs": lrs, "mode": mode, **budget}}
+    out_json = Path(out_json)
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    if record is not None and records.find([record], record_key):
+        write_atomic(out_json, lambda tmp: tmp.write_text(Path(record).read_text()))
+        print(f"{out_json}: reused the calibration recorded in {record} (same record key)")
+        return json.loads(out_json.read_text())
+    scores, curves = {}, {}
     for lr in tqdm(lrs, desc=f"calibrating {cfg['method']['name']} ({mode})", unit="lr"):
         cfg["optimizer"]["lr"] = lr
-        scores[lr], model_form = _score(cfg, lr, mode, epochs, rounds)
+        scores[lr], curves[lr], model_form = _score(cfg, lr, mode, epochs, budget.get("rounds", 0))
     finite = {lr: s for lr, s in scores.items() if s is not None}
     if not finite:
         raise ValueError(f"lrs: every candidate diverged ({lrs}); try smaller learning rates")
@@ -73,13 +92,20 @@ def calibrate(cfg: dict, out_json: Path, lrs=None, mode: str = "central", epochs
         "method": cfg["method"]["name"],
         "model_form": model_form,
         "scores": {str(lr): s for lr, s in scores.items()},
-        "budget": {"epochs": epochs} if mode == "central" else {"rounds": rounds},
+        "budget": budget,
         "dataset": cfg["dataset"],
         "backbone": cfg["backbone"],
         "weights": cfg["weights"],
+        "split": cfg["split"],
+        "seed": cfg["seed"],
+        "bn": cfg["bn"],
         "config": cfg | {"optimizer": cfg["optimizer"] | {"lr": "calibrated"}},
+        "record_key": record_key,
     }
-    out_json = Path(out_json)
-    out_json.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "federated":
+        result["curves"] = {str(lr): curve for lr, curve in curves.items()}
     write_atomic(out_json, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
+    if record is not None:
+        Path(record).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(record), lambda tmp: tmp.write_text(out_json.read_text()))
     return result

@@ -36,6 +36,7 @@ class RunState:
     wall_seconds: float
     fingerprint: dict  # what the run's trajectory depends on (engine._fingerprint)
     mlflow_run_id: str | None = None
+    correct_at_best: dict | None = None  # {"val": "0110...", "test": ...}: per-image correctness at the best round
 
 
 def rng_state() -> dict:

@@ -59,7 +59,7 @@ def _run(args: argparse.Namespace) -> None:
 
     cfg = _load_run_config(args)
     with gpu_slots.for_job(cfg["device"]):  # before anything starts CUDA
-        summary = engine.run(cfg, Path(args.out))
+        summary = engine.run(cfg, Path(args.out), record=args.record, reuse=args.reuse)
     print(f"best_val_acc={summary['best_val_acc']:.4f} at round {summary['best_round']}; summary in {args.out}")
 
 
@@ -76,7 +76,8 @@ def _calibrate(args: argparse.Namespace) -> None:
     cfg = _load_run_config(args)
     with gpu_slots.for_job(cfg["device"]):  # before anything starts CUDA
         result = calibrate.calibrate(
-            cfg, Path(args.out), lrs=args.lrs, mode=args.mode, epochs=args.epochs, rounds=args.rounds
+            cfg, Path(args.out), lrs=args.lrs, mode=args.mode, epochs=args.epochs, rounds=args.rounds,
+            record=args.record,
         )
     print(f"calibrated lr={result['lr']} ({result['mode']}); written to {args.out}")
 
@@ -177,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="one federated training run")
     _add_run_config_args(p)
+    p.add_argument("--record", type=Path, default=None,
+                   help="folder for the finished run's record (summary.json, metrics.csv, config.yaml); "
+                        "a record there of the same run is reused instead of training")
+    p.add_argument("--reuse", type=Path, nargs="*", default=[],
+                   help="run folders whose finished run is taken where it is this one (same record key)")
     p.set_defaults(func=_run)
 
     flower = sub.add_parser("flower", help="Flower (needs fedsq[flower])").add_subparsers(dest="action", required=True)
@@ -192,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lrs", type=float, nargs="+", default=None, help="candidate learning rates")
     p.add_argument("--mode", choices=["central", "federated"], default="central")
     p.add_argument("--epochs", type=int, default=2, help="central mode: epochs per candidate")
-    p.add_argument("--rounds", type=int, default=3, help="federated mode: rounds per candidate")
+    p.add_argument("--rounds", type=int, default=None, help="federated mode: rounds per candidate (default: the run's)")
+    p.add_argument("--record", type=Path, default=None,
+                   help="JSON file the result is copied to; a result there of the same calibration is reused")
     p.set_defaults(func=_calibrate)
 
     tracking = sub.add_parser("tracking", help="MLflow").add_subparsers(dest="action", required=True)

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fedsq import (checkpoint, config, data, download, environment, models, partition, strategies, tracking_uri,
-                   version, weights)
+from fedsq import (checkpoint, config, data, download, environment, models, partition, records, strategies,
+                   tracking_uri, version, weights)
 from fedsq.background import SerialWorker
 from fedsq.files import write_atomic
 from fedsq.aggregate import WeightedAverage
@@ -77,6 +77,15 @@ def round_lr(cfg: dict, lr: float, round: int) -> float:
     return lr
 
 
+def memory_format(model: torch.nn.Module, device: torch.device) -> torch.memory_format:
+    """Channels-last on GPUs (tensor cores want it), and on CPUs for networks with depthwise
+    (grouped) convolutions, which oneDNN runs about 2x faster in it (EfficientNet-Lite0: a round
+    of the evidence grid, benchmarks/bench_round_cost.py); contiguous for the others on CPUs
+    (ResNet-18 at 32 px: 10 % slower in channels-last)."""
+    grouped = any(isinstance(m, torch.nn.Conv2d) and m.groups > 1 for m in model.modules())
+    return torch.channels_last if device.type == "cuda" or grouped else torch.contiguous_format
+
+
 def sample_clients(cfg: dict, round: int) -> np.ndarray:
     """The clients of ``round``, from a generator seeded by (run seed, round): a resumed run
     draws the same clients as an uninterrupted one."""
@@ -105,7 +114,6 @@ class Simulation:
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"
         self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-        self.memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
         if self.device.type == "cpu":
             torch.use_deterministic_algorithms(True, warn_only=True)
         seed_everything(cfg["seed"])
@@ -131,6 +139,7 @@ class Simulation:
         self.mean, self.std = record.mean, record.std
         weights_path = weights.resolve(backbone, cfg["weights"], Path(cfg["paths"]["weights"]))
         base = models.build(backbone, self.num_classes, weights_path)
+        self.memory_format = memory_format(base, self.device)
         # The pretrained (initial) network whose gates drift is measured against.
         self.reference = copy.deepcopy(base).eval().requires_grad_(False)
         self.reference.to(self.device, memory_format=self.memory_format)
@@ -264,8 +273,14 @@ class Simulation:
 
     def evaluate(self, split: str) -> tuple[float, float]:
         """(accuracy, mean cross-entropy) on a split; "val" on its eval.val_size subset."""
+        return self.evaluate_images(split)[:2]
+
+    def evaluate_images(self, split: str) -> tuple[float, float, str]:
+        """``evaluate``'s figures and which images were right, as a string of 0s and 1s in the
+        split's order: what a bootstrap over images resamples (``summary.json``'s ``correct_at_best``)."""
         correct, losses = self.predict(split, self.val_subset if split == "val" else None)
-        return correct.sum().item() / len(correct), losses.double().mean().item()
+        bits = "".join(map(str, correct.to(torch.uint8).tolist()))
+        return bits.count("1") / len(bits), losses.double().mean().item(), bits
 
     def write_partition(self, folder: Path) -> None:
         """The partition made here (its indices and class counts), for the run's MLflow artifacts."""
@@ -408,26 +423,70 @@ def _finish_tracking(mirror: Future, summary: dict, out_dir: Path) -> None:
                       f"answers, `fedsq tracking sync {out_dir}` replays them", stacklevel=2)
 
 
-def run(cfg: dict, out_dir: Path, simulation: Callable[[dict, Path], Simulation] = Simulation) -> dict:
+def run(cfg: dict, out_dir: Path, simulation: Callable[[dict, Path], Simulation] = Simulation, *,
+        record: Path | None = None, reuse: list[Path] = ()) -> dict:
     """Run (or resume, or skip if finished) the federated run ``cfg`` in ``out_dir``; return its summary.
 
     ``simulation`` builds the run's ``Simulation`` from (cfg, out_dir): ``fedsq.flower`` passes one
-    whose clients train on Flower SuperNodes.
+    whose clients train on Flower SuperNodes. ``record``: a folder the finished run's record is
+    copied to (``fedsq.records``); a record there, or in one of the ``reuse`` run folders, whose
+    key equals this run's is taken instead of training: the run then costs seconds.
     """
     out_dir = Path(out_dir)
-    summary_path, ckpt_path = out_dir / "summary.json", out_dir / "checkpoint.pt"
+    summary_path = out_dir / "summary.json"
     cfg = json.loads(json.dumps(cfg))  # the form it takes in summary.json and the checkpoint
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
         _same_config(summary["config"], cfg, summary_path)
-        ckpt_path.unlink(missing_ok=True)  # left by a run stopped before it retired it (see below)
-        return summary  # finished: nothing to do
+        (out_dir / "checkpoint.pt").unlink(missing_ok=True)  # left by a run stopped before it retired it (see _train)
+    else:
+        summary = _train_or_reuse(cfg, out_dir, simulation, [record] * (record is not None) + list(reuse))
+    if record is not None:
+        records.save_run(out_dir, record)
+    return summary
+
+
+def _train_or_reuse(cfg: dict, out_dir: Path, simulation: Callable[[dict, Path], Simulation],
+                    candidates: list[Path]) -> dict:
     uri = tracking_uri.check(cfg["tracking"]["uri"])  # before anything is built or changed: fails in seconds
     out_dir.mkdir(parents=True, exist_ok=True)
-
     started = time.perf_counter()
     lr, lr_source = config.resolve_lr(cfg)
     fingerprint = _fingerprint(cfg, lr)
+    record_key = records.key(fingerprint)
+    tags = _tags(cfg)
+    own = {"lr": lr, "lr_source": lr_source, "record_key": record_key,
+           "tags": {k: tags[k] for k in ("dataset", "backbone", "split", "method", "seed", "lr_mode", "bn")},
+           "config": cfg}
+    tracking_args = (uri, cfg, tags, config.flatten(cfg) | {"lr": lr, "lr_source": lr_source},
+                     environment.describe(resolve_device(cfg["device"])))
+    found = records.find(candidates, record_key)
+    if found is not None:
+        return _reuse(found, out_dir, own, tracking_args)
+    return _train(cfg, out_dir, simulation, started, fingerprint, own, tracking_args)
+
+
+def _reuse(found: Path, out_dir: Path, own: dict, tracking_args: tuple) -> dict:
+    """A run whose record exists already: its files, and an MLflow run of this store holding them."""
+    summary = records.restored_summary(found, out_dir, own)
+    uri, cfg, tags, params, environment_tags = tracking_args
+    if not cfg["paths"]["partition"]:  # the run made its own: made again, for the MLflow run's artifacts
+        dataset = data.load(cfg["dataset"], Path(cfg["paths"]["data"]))
+        labels = np.asarray(dataset.train.y)
+        partition.write(partition.make(labels, cfg["split"]), labels, out_dir / "partition", dataset.num_classes)
+    with SerialWorker("fedsq-outputs") as outputs:
+        mirror = outputs.submit(_start_tracking, uri, cfg, tags, None, params, environment_tags)
+        summary["mlflow_run_id"] = mirror.result().run_id
+        outputs.submit(_finish_tracking, mirror, summary, out_dir)
+        outputs.drain()
+    print(f"{out_dir}: reused the record in {found} (same record key: config, lr, input files, numerics)")
+    return summary
+
+
+def _train(cfg: dict, out_dir: Path, simulation: Callable[[dict, Path], Simulation], started: float,
+           fingerprint: dict, own: dict, tracking_args: tuple) -> dict:
+    ckpt_path = out_dir / "checkpoint.pt"
+    lr = own["lr"]
     saved = _resume_point(ckpt_path, fingerprint)
     if saved is None:
         # From round 0 nothing of an earlier run may leak in: ClientStore serves a client "the
@@ -436,22 +495,16 @@ def run(cfg: dict, out_dir: Path, simulation: Callable[[dict, Path], Simulation]
         if (out_dir / "client_state").exists():
             shutil.rmtree(out_dir / "client_state")
         (out_dir / "metrics.csv").unlink(missing_ok=True)
-    tags = _tags(cfg)
+    uri, _, tags, params, environment_tags = tracking_args
     # Everything the run records (metrics.csv, checkpoints, MLflow) is written in order by one
     # background thread, overlapping the training; MLflow's start (seconds of imports and store
     # set-up) there overlaps the set-up of data and model.
     with SerialWorker("fedsq-outputs") as outputs:
         mirror = outputs.submit(
-            _start_tracking, uri, cfg, tags, saved.mlflow_run_id if saved else None,
-            config.flatten(cfg) | {"lr": lr, "lr_source": lr_source},
-            environment.describe(resolve_device(cfg["device"])))
+            _start_tracking, uri, cfg, tags, saved.mlflow_run_id if saved else None, params, environment_tags)
         try:
             sim = simulation(cfg, out_dir)
-            summary = _simulate(cfg, lr, fingerprint, sim, saved, outputs, mirror, out_dir, started) | {
-                "lr": lr, "lr_source": lr_source,
-                "tags": {k: tags[k] for k in ("dataset", "backbone", "split", "method", "seed", "lr_mode", "bn")},
-                "config": cfg,
-            }
+            summary = _simulate(cfg, lr, fingerprint, sim, saved, outputs, mirror, out_dir, started) | own
             outputs.submit(_finish_tracking, mirror, summary, out_dir)
             outputs.drain()
         except BaseException as err:
@@ -463,7 +516,7 @@ def run(cfg: dict, out_dir: Path, simulation: Callable[[dict, Path], Simulation]
             raise
     # Retired once summary.json is there, so that a forced rerun (Snakemake deletes summary.json
     # first) starts from round 0. A run stopped just before this line leaves both files: a start
-    # that finds summary.json removes the checkpoint (above); one that does not (Snakemake deletes
+    # that finds summary.json removes the checkpoint (run); one that does not (Snakemake deletes
     # a failed job's outputs) resumes the finished rounds, to the same summary in the same MLflow run.
     ckpt_path.unlink()
     return summary
@@ -476,11 +529,13 @@ def _simulate(cfg: dict, lr: float, fingerprint: dict, sim: Simulation, saved: c
         outputs.submit(sim.write_partition, out_dir / "partition")
     if saved is None:
         global_state, rows, samples, elapsed_before, first = sim.global_state(), [], 0, 0.0, 0
+        correct_at_best = None
     else:
         global_state = {k: v.to(sim.device) for k, v in saved.global_state.items()}
         sim.strategy.load_state_dict(saved.strategy)
         checkpoint.set_rng_state(saved.rng)
         rows, samples, elapsed_before, first = saved.metrics, saved.samples_trained, saved.wall_seconds, saved.round + 1
+        correct_at_best = saved.correct_at_best
 
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - started
@@ -495,12 +550,14 @@ def _simulate(cfg: dict, lr: float, fingerprint: dict, sim: Simulation, saved: c
             samples += trained
         sim.model.load_state_dict(global_state)
         if r % cfg["eval"]["val_every"] == 0 or r == rounds:
-            row["val_acc"], row["val_loss"] = sim.evaluate("val")
+            row["val_acc"], row["val_loss"], val_correct = sim.evaluate_images("val")
         # Tested at every new best validation accuracy too, so that test_acc_at_best is measured.
         new_best = "val_acc" in row and all(
             row["val_acc"] > earlier["val_acc"] for earlier in rows if earlier["val_acc"] is not None)
         if r % cfg["eval"]["test_every"] == 0 or r == rounds or new_best:
-            row["test_acc"], row["test_loss"] = sim.evaluate("test")
+            row["test_acc"], row["test_loss"], test_correct = sim.evaluate_images("test")
+        if new_best:
+            correct_at_best = {"val": val_correct, "test": test_correct}
         every = cfg["eval"]["drift_every"]
         if every and (r % every == 0 or r == rounds):
             row["gate_agreement"], row["gate_agreement_pretrained_bn"] = sim.gate_agreement()
@@ -509,7 +566,7 @@ def _simulate(cfg: dict, lr: float, fingerprint: dict, sim: Simulation, saved: c
         state = checkpoint.RunState(**checkpoint.snapshot({
             "round": r, "global_state": global_state, "strategy": sim.strategy.state_dict(),
             "rng": checkpoint.rng_state(), "metrics": list(rows), "samples_trained": samples,
-            "wall_seconds": row["wall_seconds"], "fingerprint": fingerprint,
+            "wall_seconds": row["wall_seconds"], "fingerprint": fingerprint, "correct_at_best": correct_at_best,
         }))
         outputs.submit(_record_round, mirror, list(rows), state, out_dir, sim.client_stores)
         outputs.check()
@@ -522,4 +579,5 @@ def _simulate(cfg: dict, lr: float, fingerprint: dict, sim: Simulation, saved: c
         "client_acc": {"mean": float(client_acc.mean()), "std": float(client_acc.std()),
                        "min": float(client_acc.min()), "max": float(client_acc.max())},
         "mlflow_run_id": mirror.result().run_id,
+        "correct_at_best": correct_at_best,
     }

@@ -53,7 +53,7 @@ def _first_grid_point() -> dict:
 _POINT = _first_grid_point()
 CANCELLED_RUN = Path("results/runs/{dataset}/{backbone}/{split}/{method}/seed{seed}".format(**_POINT))
 CANCELLED_LOGS = "/rule_fl/runs_{dataset}_{backbone}_{split}_{method}_{seed}/".format(**_POINT)
-CALIBRATION = Path("results/calibration/{dataset}/{backbone}/bn-pooled/{method}.json".format(**_POINT))
+CALIBRATION = Path("results/calibration/{dataset}/{backbone}/iid/bn-pooled/{method}.json".format(**_POINT))
 
 
 class Cluster:

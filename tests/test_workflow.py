@@ -79,13 +79,21 @@ def test_dry_run_plans_one_fl_job_per_grid_point(configfile, tmp_path):
         f"results/partitions/{d}/{s}/seed{seed}/partition.npz"
         for d, s, seed in itertools.product(cfg["datasets"], cfg["splits"], cfg["seeds"])
     }
-    # Each method calibrated in every BatchNorm form it runs in.
-    bn_forms = {cfg.get("run", {}).get("bn", "pooled")}
+    # Each method calibrated in every BatchNorm form it runs in, on the split its lr is tuned on.
+    calibration = cfg.get("calibration", {})
+
+    def tuned_on(split):
+        if calibration.get("mode", "central") == "central":
+            return "central"
+        return split if calibration.get("split", "iid") == "each" else calibration.get("split", "iid")
+
+    splits_of_form = {cfg.get("run", {}).get("bn", "pooled"): cfg["splits"]}
     if cfg.get("bn_control", {}).get("enabled", False):
-        bn_forms.add(cfg["bn_control"].get("bn", "frozen"))
+        splits_of_form[cfg["bn_control"].get("bn", "frozen")] = cfg["bn_control"].get("splits") or cfg["splits"]
     assert outputs_of("calibrate") == {
-        f"results/calibration/{d}/{b}/bn-{bn}/{m}.json"
-        for d, b, m, bn in itertools.product(cfg["datasets"], cfg["backbones"], cfg["methods"], bn_forms)
+        f"results/calibration/{d}/{b}/{tuned_on(s)}/bn-{bn}/{m}.json"
+        for bn, splits in splits_of_form.items()
+        for d, b, m, s in itertools.product(cfg["datasets"], cfg["backbones"], cfg["methods"], splits)
     }
     experiment = cfg.get("tracking", {}).get("experiment", "fedsq")
     assert outputs_of("tracking_init") == {f"results/tracking/{experiment}.ready"}
@@ -122,7 +130,7 @@ def test_fl_jobs_get_their_grid_point_and_lr(tmp_path):
         "split.alpha=0.5",
         "seed=0",
         "optimizer.lr=calibrated",
-        "calibration=results/calibration/digits/resnet18/bn-pooled/fedsq.json",
+        "calibration=results/calibration/digits/resnet18/iid/bn-pooled/fedsq.json",
         "bn=pooled",
         "paths.partition=results/partitions/digits/dir0.5/seed0",
         "tags.lr_mode=calibrated",
@@ -142,7 +150,7 @@ def test_bn_control_runs_every_method_with_its_bn_and_its_own_calibration(tmp_pa
     commands = [line for line in log(result).splitlines() if "fedsq run" in line or "fedsq calibrate" in line]
     run = next(c for c in commands if "fedsq run" in c)
     for setting in ["bn=frozen", "optimizer.lr=calibrated", "tags.lr_mode=calibrated",
-                    "calibration=results/calibration/digits/resnet18/bn-frozen/fedsq.json"]:
+                    "calibration=results/calibration/digits/resnet18/iid/bn-frozen/fedsq.json"]:
         assert f"--set {setting} " in run
     calibrate = next(c for c in commands if "fedsq calibrate" in c)
     assert "--set bn=frozen " in calibrate and "bn-frozen/fedsq.json" in calibrate

@@ -9,12 +9,9 @@ rule calibrate:
         calibration=CALIBRATION,
     params:
         overrides=calibrate_overrides,
-        lrs=" ".join(map(str, config["calibration"]["lrs"])),
-        mode=config["calibration"]["mode"],
-        epochs=config["calibration"]["epochs"],
-        rounds=config["calibration"]["rounds"],
+        args=calibrate_args,
     log:
-        "results/logs/calibrate/{dataset}/{backbone}/bn-{bn}/{method}.log",
+        "results/logs/calibrate/{dataset}/{backbone}/{tuned_on}/bn-{bn}/{method}.log",
     threads: config["resources"]["calibrate"]["threads"]
     resources:
         gpu=config["resources"]["gpu"],
@@ -24,5 +21,4 @@ rule calibrate:
         "../envs/fedsq.yaml"
     shell:
         "OMP_NUM_THREADS={threads} python -m fedsq calibrate --config {input.run_config} {params.overrides}"
-        " --lrs {params.lrs} --mode {params.mode} --epochs {params.epochs} --rounds {params.rounds}"
-        " --out {output.calibration} > {log} 2>&1"
+        " {params.args} --out {output.calibration} > {log} 2>&1"

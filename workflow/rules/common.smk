@@ -49,7 +49,8 @@ if "fedsq" in config["methods"]:
 for _block in ("control", "bn_control"):
     for _key in ("datasets", "backbones", "splits", "seeds"):
         _check_subset(f"{_block}.{_key}", config[_block][_key], config[_key], "in the grid")
-for _key, _label in [*(("splits", s) for s in config["splits"]), ("calibration.split", config["calibration"]["split"])]:
+_CALIBRATION_SPLIT = [] if config["calibration"]["split"] == "each" else [("calibration.split", config["calibration"]["split"])]
+for _key, _label in [*(("splits", s) for s in config["splits"]), *_CALIBRATION_SPLIT]:
     try:
         parse_split_label(_label)
     except ValueError as err:
@@ -90,7 +91,19 @@ RUN_CONFIG = "results/config/run.yaml"
 TRACKING_READY = f"results/tracking/{config['tracking']['experiment']}.ready"
 RUN_DIR = "results/{run_set}/{dataset}/{backbone}/{split}/{method}/seed{seed}"
 PARTITION_DIR = "results/partitions/{dataset}/{split}/seed{seed}"
-CALIBRATION = "results/calibration/{dataset}/{backbone}/bn-{bn}/{method}.json"
+# {tuned_on}: the split the lr was tuned on, or "central" (pooled data; calibration_split).
+CALIBRATION = "results/calibration/{dataset}/{backbone}/{tuned_on}/bn-{bn}/{method}.json"
+# Where a finished run's or calibration's record goes (and is reused from), under config key records.
+RECORDS = config["records"]
+
+
+def calibration_split(run_split):
+    """The split a run's lr is tuned on: "central" (the pooled training set), the run's own
+    (calibration.split: each) or the one calibration.split names."""
+    calibration = config["calibration"]
+    if calibration["mode"] == "central":
+        return "central"
+    return run_split if calibration["split"] == "each" else calibration["split"]
 
 
 def run_bn(run_set):
@@ -106,7 +119,8 @@ wildcard_constraints:
     run_set=_alternatives(LR_MODES),
     dataset=_alternatives(DATASETS),
     backbone=_alternatives(config["backbones"]),
-    split=_alternatives(set(config["splits"]) | {config["calibration"]["split"]}),
+    split=_alternatives(config["splits"]),
+    tuned_on=_alternatives({calibration_split(split) for split in config["splits"]}),
     method=_alternatives(config["methods"]),
     bn=_alternatives(_RUN_KEYS["bn"]["enum"]),
     seed=r"\d+",
@@ -151,7 +165,12 @@ def fl_inputs(wildcards):
         "tracking": TRACKING_READY,
     }
     if LR_MODES[wildcards.run_set] == "calibrated":
-        inputs["calibration"] = CALIBRATION.format(bn=run_bn(wildcards.run_set), **wildcards)
+        inputs["calibration"] = CALIBRATION.format(
+            bn=run_bn(wildcards.run_set), tuned_on=calibration_split(wildcards.split), **wildcards)
+    else:
+        # The same seed's run at its tuned lr: where that lr is the common one, the two runs are one
+        # run (same record key), which is then reused, not trained twice.
+        inputs["tuned_run"] = f"{RUN_DIR}/summary.json".format(**{**wildcards, "run_set": "runs"})
     return inputs
 
 
@@ -185,8 +204,30 @@ def _as_set_args(settings):
 
 def calibrate_overrides(wildcards):
     calibration = config["calibration"]
-    settings = _model_settings(wildcards, calibration["split"], calibration["seed"])
+    split = calibration["split"] if wildcards.tuned_on == "central" else wildcards.tuned_on
+    settings = _model_settings(wildcards, split, calibration["seed"])
     return _as_set_args(settings | {"bn": wildcards.bn})
+
+
+def calibrate_args(wildcards, output):
+    calibration = config["calibration"]
+    args = ["--lrs", *map(str, calibration["lrs"]), "--mode", calibration["mode"], "--epochs", str(calibration["epochs"])]
+    if calibration["rounds"] is not None:
+        args += ["--rounds", str(calibration["rounds"])]
+    if RECORDS is not None:
+        args += ["--record", str(Path(RECORDS) / Path(output.calibration).relative_to("results"))]
+    return shlex.join(args)
+
+
+def fl_record_args(wildcards, input, output):
+    """--record (and --reuse: the same seed's tuned run, for the equal-lr control) of one FL run."""
+    run_dir = Path(output.summary).parent
+    args = []
+    if RECORDS is not None:
+        args += ["--record", str(Path(RECORDS) / run_dir.relative_to("results"))]
+    if "tuned_run" in input.keys():
+        args += ["--reuse", str(Path(input.tuned_run).parent)]
+    return shlex.join(args)
 
 
 def fl_overrides(wildcards, input):

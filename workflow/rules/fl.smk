@@ -41,6 +41,7 @@ rule fl:
         summary=f"{RUN_DIR}/summary.json",
     params:
         overrides=fl_overrides,
+        records=fl_record_args,
         out=lambda wildcards, output: Path(output.summary).parent,
     log:
         "results/logs/fl/{run_set}/{dataset}/{backbone}/{split}/{method}/seed{seed}.log",
@@ -53,4 +54,4 @@ rule fl:
         "../envs/fedsq.yaml"
     shell:
         "OMP_NUM_THREADS={threads} python -m fedsq run --config {input.run_config} {params.overrides}"
-        " --out {params.out} > {log} 2>&1"
+        " {params.records} --out {params.out} > {log} 2>&1"
