@@ -265,11 +265,12 @@ def claims_table(
 
 def _convergence(arms: list[tuple], rising: set) -> dict:
     """Which of these arms still rose, named, and so whether the verdicts on them are budget-bound."""
-    named = [_arm_name(arm) for arm in arms if arm in rising]
+    named = [arm_name(arm) for arm in arms if arm in rising]
     return {"rising": "; ".join(named), "budget_bound": bool(named)}
 
 
-def _arm_name(arm: tuple) -> str:
+def arm_name(arm: tuple) -> str:
+    """An arm (GROUP values) as the tables name a still-rising one: split, method, lr mode, BatchNorm."""
     keys = dict(zip(GROUP, arm))
     return f"{keys['split']} {keys['method']} ({keys['lr_mode']} lr, bn {keys['bn']})"
 
@@ -450,10 +451,10 @@ def claims_display(claims: pd.DataFrame, columns: list[str] | None = None) -> pd
     })
     for key in ["dataset", "backbone", "split", "baseline"]:
         shown[key] = claims[key]
-    shown["arm"] = [_arm_label(lr, bn) for lr, bn in zip(claims["lr_mode"], claims["bn"])]
+    shown["arm"] = [arm_label(lr, bn) for lr, bn in zip(claims["lr_mode"], claims["bn"])]
     shown["n"] = claims["n"]
     censored = claims[["fedsq_censored", "baseline_censored"]].fillna(0).to_numpy(int)
-    for side, header, k in [("fedsq_mean", "FedSQ", 0), ("baseline_mean", "baseline", 1)]:
+    for side, header, k in [("fedsq_mean", "FedSQ mean", 0), ("baseline_mean", "baseline mean", 1)]:
         shown[header] = [
             _number(v * s) + (f" ({c} censored)" if c else "") for v, s, c in zip(claims[side], scale, censored[:, k])
         ]
@@ -485,7 +486,8 @@ def _measure_name(measure: str) -> str:
     return f"rounds to {float(measure.removeprefix('rounds_to_')):.0%}"
 
 
-def _arm_label(lr_mode: str, bn: str) -> str:
+def arm_label(lr_mode: str, bn: str) -> str:
+    """The arm in words: the primary arm, a named control, or its lr mode and BatchNorm handling."""
     return "tuned lr, pooled BN" if (lr_mode, bn) == PRIMARY_ARM else CONTROLS.get((lr_mode, bn), f"{lr_mode} lr, bn {bn}")
 
 

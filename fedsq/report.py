@@ -86,7 +86,7 @@ def build(
     (tables / "results.tex").write_text(latex.replace("±", r"$\pm$"))
 
     claims = analysis.claims_table(runs, curves, parity_margin=parity_margin, flat_points=flat_points, alpha=alpha)
-    claims = _sort(claims, ["family", "claim", "dataset", "backbone", "split", "baseline", "lr_mode", "bn"])
+    claims = sort_rows(claims, ["family", "claim", "dataset", "backbone", "split", "baseline", "lr_mode", "bn"])
     claims.to_csv(tables / "claims.csv", index=False)
     (tables / "claims.md").write_text(
         analysis.declared_analysis(parity_margin, flat_points, alpha) + "\n\n"
@@ -139,7 +139,7 @@ def _run_keys(summary: dict, run_dir: Path) -> dict:
     return {key: str(summary["tags"][key]) for key in [*GROUP, "seed"]} | {"run_dir": str(run_dir)}
 
 
-def _sort(frame: pd.DataFrame, by: list[str] = (*GROUP, "seed")) -> pd.DataFrame:
+def sort_rows(frame: pd.DataFrame, by: list[str] = (*GROUP, "seed")) -> pd.DataFrame:
     """Reading order: families and claims as listed in fedsq.analysis; fedavg, fedprox, fedsq, then other methods;
     iid, then Dirichlet by decreasing alpha; calibrated lr before the equal-lr control;
     the default BatchNorm handling before the others."""
@@ -195,7 +195,7 @@ def results_table(runs: pd.DataFrame) -> pd.DataFrame:
     for metric in metrics:
         if metric.startswith("rounds_to_"):
             table[f"{metric}_reached"] = groups[metric].count()
-    return _sort(table.reset_index())
+    return sort_rows(table.reset_index())
 
 
 def _mean_std(mean: float, std: float, scale: float = 1.0) -> str:
@@ -276,7 +276,7 @@ def plot_curves(curves: pd.DataFrame, column: str, ylabel: str):
         return _no_data_figure(f"no {column} in any metrics.csv")
     fig, axes, rows, splits = _panels(curves)
     colors = _method_colors(curves["method"])
-    for (dataset, backbone, split, method, lr_mode, bn), group in _sort(curves).groupby(GROUP, sort=False):
+    for (dataset, backbone, split, method, lr_mode, bn), group in sort_rows(curves).groupby(GROUP, sort=False):
         ax = axes[rows.index((dataset, backbone)), splits.index(split)]
         _seed_band(ax, group, column, colors[method], _arm_linestyle(lr_mode, bn), _arm_label(method, lr_mode, bn))
     _finish(fig, axes, "round", ylabel, f"{ylabel} per round: mean over seeds, band = min–max")
@@ -321,7 +321,7 @@ def plot_best_acc_bars(results: pd.DataFrame):
     for ax, ((dataset, backbone), panel) in zip(axes[0], results.groupby(["dataset", "backbone"])):
         splits = sorted(panel["split"].unique(), key=_split_order)
         arms = ["method", "lr_mode", "bn"]
-        bars = panel[arms].drop_duplicates().pipe(_sort)
+        bars = panel[arms].drop_duplicates().pipe(sort_rows)
         width = 0.8 / len(bars)
         for k, (method, lr_mode, bn) in enumerate(bars.itertuples(index=False)):
             arm = (panel[arms] == [method, lr_mode, bn]).all(axis=1)

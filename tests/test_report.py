@@ -366,7 +366,7 @@ def test_a_run_that_never_reaches_a_target_is_censored_at_the_budget(tmp_path):
     assert unreached["verdict"] == "not reached" and np.isnan(unreached["p"])
     assert (unreached["fedsq_censored"], unreached["baseline_censored"]) == (5, 5)
     shown = analysis.claims_display(claims.reset_index()).set_index("measure")
-    assert shown.loc["rounds to 90%", "baseline"] == f"{np.mean(baseline_rounds):.1f} (4 censored)"
+    assert shown.loc["rounds to 90%", "baseline mean"] == f"{np.mean(baseline_rounds):.1f} (4 censored)"
 
 
 def test_round_of_best_is_tested_only_where_both_arms_flattened(tmp_path):
