@@ -35,7 +35,7 @@ SUMMARY_METRICS = {
 }
 ACCURACIES = {"best_val_acc", "test_acc_at_best", "final_val_acc", "final_test_acc", "last3_val_acc"}
 METHOD_ORDER = ["fedavg", "fedprox", "fedsq"]  # the paper's methods first, others after
-DEFAULT_BN = "pooled"  # the run config's default BatchNorm handling; other modes are marked
+DEFAULT_BN = analysis.PRIMARY_ARM[1]  # the run config's default BatchNorm handling; other modes are marked
 CLAIMS = analysis.CLAIMS
 # summary.json's correct_at_best {"val": "0110...", "test": ...} -> runs table columns
 CORRECT_AT_BEST = {"val": "correct_val", "test": "correct_test"}
