@@ -419,6 +419,22 @@ def test_a_control_whose_gain_shrinks_is_a_supported_difference_in_differences(t
     np.testing.assert_allclose(controls["p_holm"], analysis.holm(controls["p"].to_numpy()))
 
 
+def test_difference_in_differences_bootstraps_the_same_test_images_in_all_four_runs(tmp_path):
+    rng = np.random.default_rng(2)
+    runs = []
+    for seed in range(4):
+        for lr_mode, accuracies in [("calibrated", {"fedsq": 0.8, "fedavg": 0.7}), ("equal", {"fedsq": 0.7, "fedavg": 0.7})]:
+            for method, acc in accuracies.items():
+                flags = "".join("1" if hit else "0" for hit in rng.random(200) < acc + 0.01 * seed)
+                runs.append(make_run(tmp_path, method, "dir0.1", seed, acc + 0.01 * seed + 0.002 * (method == "fedsq"),
+                                     lr_mode=lr_mode, correct={"val": flags, "test": flags}))
+    row = claims_of(runs).query("claim == 'control_gain_shrinks'").iloc[0]
+    assert row["boot_over"] == "seeds × test images"
+    # The summaries' gains shrink by exactly 10 points in every seed (no spread: the bound is −10);
+    # the per-image (control gain) − (primary gain) over 200 images adds their sampling error.
+    assert row["ci_high"] < 0 and row["boot_high"] > row["ci_high"] + 0.01
+
+
 def test_two_seeds_are_too_few(tmp_path):
     runs = pair_runs(tmp_path, "dir0.1", [0.90, 0.91], [0.60, 0.61])
     claims = claims_of(runs)
