@@ -104,7 +104,7 @@ def _report(args: argparse.Namespace) -> None:
         Path(args.out),
         partitions=[Path(p) for p in args.partitions or []],
         parity_margin=args.parity_margin,
-        target_fraction=args.target_fraction,
+        flat_points=args.flat_points,
         alpha=args.alpha,
     )
     print(f"tables and plots in {out}")
@@ -220,13 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--parity-margin",
         type=float,
         default=0.015,
-        help="iid_parity: equivalence margin on the paired best val acc difference (0.015 = ±1.5 points)",
+        help="iid_parity: equivalence margin on the paired test-acc-at-best difference (0.015 = ±1.5 points);"
+        " also the non-inferiority margin fewer_rounds needs",
     )
     p.add_argument(
-        "--target-fraction",
+        "--flat-points",
         type=float,
-        default=0.95,
-        help="fewer_rounds: target = this fraction of the lower of the two runs' best val acc, per seed",
+        default=0.01,
+        help="an arm whose val acc still rose by this much over the last quarter of rounds (0.01 = 1 point)"
+        " has not flattened: its verdicts are budget-bound",
     )
     p.add_argument("--alpha", type=float, default=0.05, help="significance level after the Holm adjustment")
     p.set_defaults(func=_report)

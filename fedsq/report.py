@@ -1,24 +1,9 @@
-"""Tables, claim verdicts and plots from finished FL runs.
+"""Tables and plots from finished FL runs; the claims through ``fedsq.analysis``.
 
 Reads each run folder's ``summary.json`` and ``metrics.csv`` (the engine's contract) and
 groups runs by (dataset, backbone, split, method, lr_mode, bn): the results table summarises
-each group over seeds as mean ± sample std with the number of seeds beside it.
-
-The claims table compares FedSQ with each baseline inside one (dataset, backbone, split,
-lr_mode, bn) cell, paired by seed: the methods of one seed share partition and client
-sampling, so each seed gives one difference FedSQ − baseline, and the verdict rests on those
-differences (``scipy.stats`` one-sample t-tests on them, i.e. paired t-tests):
-
-- superiority (dirichlet_robust: best val acc higher; fewer_rounds: rounds to a common target
-  lower): one-sided test, 95 % CI of the mean difference;
-- parity (iid_parity): equivalence within ± ``parity_margin`` by two one-sided tests (TOST),
-  90 % CI of the mean difference.
-
-Superiority p-values are Holm-adjusted over the rows of each claim. Verdicts: ``supported``
-(the claim's test significant after Holm; parity: the 90 % CI inside the margin, which is
-TOST's p < 0.05), ``contradicted`` (the opposite test significant after Holm: FedSQ worse;
-parity: the CI entirely outside the margin), ``inconclusive`` (neither), ``too few seeds``
-(fewer than three paired seeds).
+each group over seeds as mean ± sample std with the number of seeds beside it. Every rule that
+turns runs into verdicts lives in ``fedsq/analysis.py``.
 """
 
 from __future__ import annotations
@@ -35,10 +20,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
-from scipy import stats  # noqa: E402
 
-GROUP = ["dataset", "backbone", "split", "method", "lr_mode", "bn"]
-CELL = [key for key in GROUP if key != "method"]  # the claims compare methods within one cell
+from fedsq import analysis  # noqa: E402
+
+GROUP = analysis.GROUP
 # summary.json key -> table header; accuracies are shown in percent in Markdown and LaTeX.
 SUMMARY_METRICS = {
     "best_val_acc": "best val acc (%)",
@@ -50,21 +35,10 @@ SUMMARY_METRICS = {
 }
 ACCURACIES = {"best_val_acc", "test_acc_at_best", "final_val_acc", "final_test_acc", "last3_val_acc"}
 METHOD_ORDER = ["fedavg", "fedprox", "fedsq"]  # the paper's methods first, others after
-DEFAULT_BN = "pooled"  # the run config's default BatchNorm handling; other modes are marked
-CLAIMS = {
-    "iid_parity": "FedSQ ≈ FedAvg on i.i.d. (best val acc)",
-    "dirichlet_robust": "FedSQ > baseline under Dirichlet (best val acc)",
-    "fewer_rounds": "FedSQ needs fewer rounds",
-}
-# The alternative (of FedSQ − baseline against 0) under which FedSQ is better.
-BETTER = {"dirichlet_robust": "greater", "fewer_rounds": "less"}
-MIN_SEEDS = 3  # paired seeds below which no test is run
-SUPPORTED, CONTRADICTED, INCONCLUSIVE, TOO_FEW = "supported", "contradicted", "inconclusive", "too few seeds"
-CLAIM_COLUMNS = [
-    "claim", "dataset", "backbone", "split", "baseline", "lr_mode", "bn", "measure", "n",
-    "fedsq_mean", "baseline_mean", "diff_mean", "ci_level", "ci_low", "ci_high",
-    "p", "p_holm", "p_reverse", "p_reverse_holm", "verdict",
-]
+DEFAULT_BN = analysis.PRIMARY_ARM[1]  # the run config's default BatchNorm handling; other modes are marked
+CLAIMS = analysis.CLAIMS
+# summary.json's correct_at_best {"val": "0110...", "test": ...} -> runs table columns
+CORRECT_AT_BEST = {"val": "correct_val", "test": "correct_test"}
 
 
 def build(
@@ -73,7 +47,7 @@ def build(
     partitions: list[Path] = (),
     *,
     parity_margin: float = 0.015,
-    target_fraction: float = 0.95,
+    flat_points: float = 0.01,
     alpha: float = 0.05,
 ) -> Path:
     """Write out/tables/{results,claims}.{csv,md} (+ results.tex) and out/plots/*.png; return out.
@@ -82,15 +56,17 @@ def build(
         run_dirs: run folders, each with summary.json (required) and metrics.csv (curves).
         out: output folder.
         partitions: partition folders (class_counts.csv, heatmap.png) to collect into the plots.
-        parity_margin: iid_parity holds when the paired difference in best val acc lies within
-            ± this margin (accuracy as a fraction: 0.015 = 1.5 points).
-        target_fraction: fewer_rounds compares rounds to reach this fraction of the lower of the
-            two methods' best val acc, per seed.
+        parity_margin: iid_parity holds when the paired difference in the primary outcome lies
+            within ± this margin (accuracy as a fraction: 0.015 = 1.5 points); also the
+            non-inferiority margin that "fewer rounds" needs.
+        flat_points: an arm whose val acc rose by this much or more over the last quarter of
+            rounds (a fraction: 0.01 = 1 point) has not flattened: its verdicts are budget-bound.
         alpha: significance level of every test (after the Holm adjustment).
+    See ``fedsq.analysis`` for the rules.
     """
     for name, value, ok, allowed in [
         ("parity_margin", parity_margin, 0 < parity_margin <= 1, "(0, 1]"),
-        ("target_fraction", target_fraction, 0 < target_fraction <= 1, "(0, 1]"),
+        ("flat_points", flat_points, 0 < flat_points <= 1, "(0, 1]"),
         ("alpha", alpha, 0 < alpha < 0.5, "(0, 0.5)"),
     ]:
         if not ok:
@@ -109,11 +85,12 @@ def build(
     latex = styler.to_latex(hrules=True)
     (tables / "results.tex").write_text(latex.replace("±", r"$\pm$"))
 
-    claims = claims_table(runs, curves, parity_margin=parity_margin, target_fraction=target_fraction, alpha=alpha)
+    claims = analysis.claims_table(runs, curves, parity_margin=parity_margin, flat_points=flat_points, alpha=alpha)
+    claims = sort_rows(claims, ["family", "claim", "dataset", "backbone", "split", "baseline", "lr_mode", "bn"])
     claims.to_csv(tables / "claims.csv", index=False)
     (tables / "claims.md").write_text(
-        claims_legend(parity_margin, target_fraction, alpha) + "\n\n"
-        + claims_display(claims).to_markdown(index=False, disable_numparse=True) + "\n"  # keep "+0.3" as written
+        analysis.declared_analysis(parity_margin, flat_points, alpha) + "\n\n"
+        + analysis.claims_display(claims).to_markdown(index=False, disable_numparse=True) + "\n"  # keep "+0.3" as written
     )
 
     _save(plot_curves(curves, "val_acc", "validation accuracy"), plots / "val_acc_vs_round.png")
@@ -139,8 +116,11 @@ def load_runs(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
         summary = json.loads(summary_path.read_text())
         row = _run_keys(summary, run_dir)
         row.update({key: summary.get(key) for key in SUMMARY_METRICS})
+        row["rounds"] = summary.get("rounds")
         for target, rounds in (summary.get("rounds_to_target") or {}).items():
             row[f"rounds_to_{float(target):g}"] = rounds
+        for split, column in CORRECT_AT_BEST.items():  # absent in records older than the field
+            row[column] = (summary.get("correct_at_best") or {}).get(split)
         rows.append(row)
         metrics_path = run_dir / "metrics.csv"
         if metrics_path.is_file():
@@ -148,7 +128,8 @@ def load_runs(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
     if not rows:
         raise FileNotFoundError(f"report: none of the {len(run_dirs)} run folders has a summary.json")
     runs = pd.DataFrame(rows)
-    metric_columns = [c for c in runs.columns if c not in [*GROUP, "seed", "run_dir"]]
+    analysis.reject_duplicates(runs)
+    metric_columns = [c for c in runs.columns if c not in [*GROUP, "seed", "run_dir", *CORRECT_AT_BEST.values()]]
     runs[metric_columns] = runs[metric_columns].apply(pd.to_numeric, errors="coerce")
     return runs, pd.concat(curves, ignore_index=True) if curves else pd.DataFrame()
 
@@ -158,12 +139,14 @@ def _run_keys(summary: dict, run_dir: Path) -> dict:
     return {key: str(summary["tags"][key]) for key in [*GROUP, "seed"]} | {"run_dir": str(run_dir)}
 
 
-def _sort(frame: pd.DataFrame, by: list[str] = (*GROUP, "seed")) -> pd.DataFrame:
-    """Reading order: claims as listed; fedavg, fedprox, fedsq, then other methods;
+def sort_rows(frame: pd.DataFrame, by: list[str] = (*GROUP, "seed")) -> pd.DataFrame:
+    """Reading order: families and claims as listed in fedsq.analysis; fedavg, fedprox, fedsq, then other methods;
     iid, then Dirichlet by decreasing alpha; calibrated lr before the equal-lr control;
     the default BatchNorm handling before the others."""
 
     def key(column: pd.Series) -> pd.Series:
+        if column.name == "family":
+            return column.map(analysis.FAMILIES.index)
         if column.name == "claim":
             return column.map(list(CLAIMS).index)
         if column.name in ("method", "baseline"):
@@ -212,7 +195,7 @@ def results_table(runs: pd.DataFrame) -> pd.DataFrame:
     for metric in metrics:
         if metric.startswith("rounds_to_"):
             table[f"{metric}_reached"] = groups[metric].count()
-    return _sort(table.reset_index())
+    return sort_rows(table.reset_index())
 
 
 def _mean_std(mean: float, std: float, scale: float = 1.0) -> str:
@@ -239,197 +222,6 @@ def results_display(results: pd.DataFrame) -> pd.DataFrame:
             stats = zip(results[column], results[f"{metric}_std"], results[f"{metric}_reached"], results["n_seeds"])
             shown[f"rounds to {target:.0%} (reached)"] = [f"{_mean_std(m, s)} ({r}/{n})" for m, s, r, n in stats]
     return shown
-
-
-# --- claims ----------------------------------------------------------------------------------
-
-
-def claims_table(
-    runs: pd.DataFrame,
-    curves: pd.DataFrame,
-    *,
-    parity_margin: float = 0.015,
-    target_fraction: float = 0.95,
-    alpha: float = 0.05,
-) -> pd.DataFrame:
-    """The paper's three claims, one row per (claim, dataset, backbone, split, baseline, lr_mode, bn).
-
-    Each row pairs FedSQ and the baseline by seed (n = seeds both have) and tests the
-    per-seed differences FedSQ − baseline:
-    - iid_parity (FedSQ vs FedAvg, i.i.d.): best val acc, TOST within ± ``parity_margin``;
-      p is the larger of the two one-sided p's, p_reverse the smaller p of the difference
-      lying beyond +margin or below −margin; CI at 1 − 2·alpha (90 %).
-    - dirichlet_robust (FedSQ vs each baseline, Dirichlet): best val acc, one-sided
-      (FedSQ higher; p_reverse: FedSQ lower); CI at 1 − alpha (95 %).
-    - fewer_rounds (every split): per seed, the first round whose val_acc reaches
-      ``target_fraction`` × the lower of the two runs' best val acc (both reach it by
-      construction), from the runs' metrics.csv; one-sided (FedSQ fewer); CI at 1 − alpha.
-    For the superiority claims p and p_reverse are Holm-adjusted over the tested rows of each
-    claim (p_holm, p_reverse_holm) and the verdict follows from them; parity's verdict is
-    where its CI lies against the margin (see the module docstring).
-    Rows of every lr_mode and bn sit side by side, so a gap that vanishes under the equal-lr
-    or frozen-BatchNorm control shows.
-    """
-    curves_by_cell = dict(iter(curves.groupby(CELL))) if "val_acc" in curves else {}
-    rows = []
-    for cell, group in runs.groupby(CELL):
-        fedsq = group[group["method"] == "fedsq"]
-        if fedsq.empty:
-            continue
-        cell_curves = curves_by_cell.get(cell, pd.DataFrame(columns=["method", "seed", "round", "val_acc"]))
-        for baseline, other in group[group["method"] != "fedsq"].groupby("method"):
-            keys = dict(zip(CELL, cell), baseline=baseline)
-            accuracy = _paired(fedsq, other, "best_val_acc")
-            if keys["split"] == "iid" and baseline == "fedavg":
-                rows.append({"claim": "iid_parity", **keys, **_test(accuracy, "iid_parity", parity_margin, alpha)})
-            if keys["split"].startswith("dir"):
-                rows.append({"claim": "dirichlet_robust", **keys, **_test(accuracy, "dirichlet_robust", 0.0, alpha)})
-            by_method = cell_curves["method"]
-            rounds = _rounds_to_common_target(
-                cell_curves[by_method == "fedsq"], cell_curves[by_method == baseline], target_fraction
-            )
-            rows.append({"claim": "fewer_rounds", **keys, **_test(rounds, "fewer_rounds", 0.0, alpha)})
-    claims = pd.DataFrame(rows, columns=CLAIM_COLUMNS)
-    parity = (claims["claim"] == "iid_parity").to_numpy()
-    for claim in claims.loc[~parity, "claim"].unique():
-        tested = claims.index[(claims["claim"] == claim) & (claims["n"] >= MIN_SEEDS)]
-        claims.loc[tested, "p_holm"] = holm(claims.loc[tested, "p"].to_numpy(float))
-        claims.loc[tested, "p_reverse_holm"] = holm(claims.loc[tested, "p_reverse"].to_numpy(float))
-    # Parity is decided by where its CI lies against the margin, as an equivalence test is read.
-    low, high = claims["ci_low"].to_numpy(float), claims["ci_high"].to_numpy(float)
-    inside = (low > -parity_margin) & (high < parity_margin)
-    outside = (low > parity_margin) | (high < -parity_margin)
-    claims["verdict"] = np.select(
-        [
-            claims["n"] < MIN_SEEDS,
-            np.where(parity, inside, claims["p_holm"] < alpha),
-            np.where(parity, outside, claims["p_reverse_holm"] < alpha),
-        ],
-        [TOO_FEW, SUPPORTED, CONTRADICTED],
-        INCONCLUSIVE,
-    )
-    return _sort(claims, by=["claim", *CELL[:3], "baseline", *CELL[3:]])
-
-
-def _paired(fedsq: pd.DataFrame, other: pd.DataFrame, column: str) -> pd.DataFrame:
-    """One row per seed that both methods have, columns fedsq and baseline."""
-    sides = {"fedsq": fedsq.groupby("seed")[column].mean(), "baseline": other.groupby("seed")[column].mean()}
-    return pd.concat(sides, axis=1).dropna()
-
-
-def _rounds_to_common_target(fedsq: pd.DataFrame, other: pd.DataFrame, fraction: float) -> pd.DataFrame:
-    """Per seed both methods have curves for: rounds each needs to reach a common target.
-
-    The target is ``fraction`` × the lower of the two best val accs, so both reach it. A run
-    that never improved on round 0 reaches it at round 0 or later, never "faster" for having
-    peaked early.
-    """
-    a, b = _val_curves(fedsq), _val_curves(other)
-    rows = {}
-    for seed in sorted(a.keys() & b.keys()):
-        target = fraction * min(a[seed].max(), b[seed].max())
-        rows[seed] = {side: _first_reaching(curve[seed], target) for side, curve in [("fedsq", a), ("baseline", b)]}
-    return pd.DataFrame.from_dict(rows, orient="index", columns=["fedsq", "baseline"], dtype=float)
-
-
-def _first_reaching(curve: pd.Series, target: float) -> int:
-    return curve.index[curve.to_numpy() >= target][0]
-
-
-def _val_curves(curves: pd.DataFrame) -> dict[str, pd.Series]:
-    """seed -> val_acc indexed by round, measured rounds only."""
-    measured = curves.dropna(subset=["val_acc"]).sort_values("round")
-    return {seed: group.set_index("round")["val_acc"] for seed, group in measured.groupby("seed") if len(group)}
-
-
-def _test(pairs: pd.DataFrame, claim: str, margin: float, alpha: float) -> dict:
-    """Means, mean difference, its CI and the claim's and the reverse test's p on paired values."""
-    # Accuracies and rounds are far coarser than 1e-12: rounding drops float noise that would
-    # otherwise pass for a spread between seeds whose differences are equal.
-    d = np.round((pairs["fedsq"] - pairs["baseline"]).to_numpy(float), 12)
-    row = dict(measure="best_val_acc" if claim != "fewer_rounds" else "rounds_to_target", n=len(d))
-    row.update(fedsq_mean=pairs["fedsq"].mean(), baseline_mean=pairs["baseline"].mean())
-    row["diff_mean"] = d.mean() if len(d) else np.nan
-    level = 1 - 2 * alpha if claim == "iid_parity" else 1 - alpha
-    row["ci_level"] = level
-    if len(d) < MIN_SEEDS:
-        return row
-
-    constant = np.ptp(d) == 0
-    with warnings.catch_warnings():
-        if constant:  # t is ±inf (p 0 or 1) or 0/0 (p NaN: no evidence either way); scipy warns
-            warnings.simplefilter("ignore", RuntimeWarning)
-
-        def p(popmean: float, alternative: str) -> float:
-            return float(stats.ttest_1samp(d, popmean, alternative=alternative).pvalue)
-
-        if claim == "iid_parity":  # TOST: inside (−margin, +margin) vs beyond either end
-            row["p"] = max(p(-margin, "greater"), p(margin, "less"))
-            row["p_reverse"] = min(p(margin, "greater"), p(-margin, "less"))
-        else:
-            worse = {"greater": "less", "less": "greater"}[BETTER[claim]]
-            row["p"], row["p_reverse"] = p(0.0, BETTER[claim]), p(0.0, worse)
-        ci = (d[0], d[0]) if constant else stats.ttest_1samp(d, 0.0).confidence_interval(level)
-    row["ci_low"], row["ci_high"] = float(ci[0]), float(ci[1])
-    return row
-
-
-def holm(p: np.ndarray) -> np.ndarray:
-    """Holm's step-down adjustment of one family of p-values; a NaN p counts as 1 and stays NaN."""
-    p = np.asarray(p, dtype=float)
-    m = len(p)
-    order = np.argsort(np.nan_to_num(p, nan=1.0), kind="stable")
-    scaled = (m - np.arange(m)) * np.nan_to_num(p[order], nan=1.0)
-    adjusted = np.empty(m)
-    adjusted[order] = np.minimum(1.0, np.maximum.accumulate(scaled))
-    adjusted[np.isnan(p)] = np.nan
-    return adjusted
-
-
-def claims_legend(parity_margin: float, target_fraction: float, alpha: float) -> str:
-    """The two lines above the claims table in claims.md: how to read it."""
-    margin, level = f"±{100 * parity_margin:g} points", f"{1 - 2 * alpha:.0%} CI"
-    return (
-        "Paired by seed (same partition and client sampling): n = seeds both methods ran;"
-        " difference = FedSQ − baseline per seed (accuracies in percentage points;"
-        f" rounds = first round reaching {100 * target_fraction:g}% of the lower of the two runs' best val acc);"
-        " p = one-sided paired t-test that FedSQ is better, Holm-adjusted over the rows of each claim"
-        f" (parity: TOST within {margin}, not adjusted); CIs unadjusted.  \n"
-        f"Verdicts: supported = Holm-adjusted p < {alpha:g} (parity: the {level} inside {margin});"
-        f" contradicted = the opposite test significant after Holm (FedSQ worse; parity: the {level}"
-        f" entirely outside {margin}); inconclusive = neither; too few seeds = fewer than {MIN_SEEDS} paired seeds."
-    )
-
-
-def claims_display(claims: pd.DataFrame) -> pd.DataFrame:
-    """Claims as readable strings: accuracies in percentage points, rounds as rounds."""
-    shown = pd.DataFrame({"claim": claims["claim"].map(CLAIMS)})
-    shown[["dataset", "backbone", "split", "baseline"]] = claims[["dataset", "backbone", "split", "baseline"]]
-    shown["lr"], shown["bn"] = claims["lr_mode"], claims["bn"]
-    shown["measure"] = claims["measure"].map(
-        {"best_val_acc": "best val acc (%)", "rounds_to_target": "rounds to target"}
-    )
-    shown["n"] = claims["n"]
-    scale = np.where(claims["measure"] == "best_val_acc", 100.0, 1.0)
-    shown["fedsq mean"] = [_number(v * k) for v, k in zip(claims["fedsq_mean"], scale)]
-    shown["baseline mean"] = [_number(v * k) for v, k in zip(claims["baseline_mean"], scale)]
-    shown["difference"] = [_number(v * k, "+.1f") for v, k in zip(claims["diff_mean"], scale)]
-    shown["CI"] = [
-        "–" if pd.isna(lo) else f"{level:.0%} [{lo * k:+.1f}, {hi * k:+.1f}]"
-        for level, lo, hi, k in zip(claims["ci_level"], claims["ci_low"], claims["ci_high"], scale)
-    ]
-    shown["p"] = claims["p"].map(_p_value)
-    shown["p Holm"] = claims["p_holm"].map(_p_value)
-    shown["verdict"] = claims["verdict"]
-    return shown
-
-
-def _number(value: float, spec: str = ".1f") -> str:
-    return "–" if pd.isna(value) else format(value, spec)
-
-
-def _p_value(p: float) -> str:
-    return "–" if pd.isna(p) else "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 # --- plots -----------------------------------------------------------------------------------
@@ -484,7 +276,7 @@ def plot_curves(curves: pd.DataFrame, column: str, ylabel: str):
         return _no_data_figure(f"no {column} in any metrics.csv")
     fig, axes, rows, splits = _panels(curves)
     colors = _method_colors(curves["method"])
-    for (dataset, backbone, split, method, lr_mode, bn), group in _sort(curves).groupby(GROUP, sort=False):
+    for (dataset, backbone, split, method, lr_mode, bn), group in sort_rows(curves).groupby(GROUP, sort=False):
         ax = axes[rows.index((dataset, backbone)), splits.index(split)]
         _seed_band(ax, group, column, colors[method], _arm_linestyle(lr_mode, bn), _arm_label(method, lr_mode, bn))
     _finish(fig, axes, "round", ylabel, f"{ylabel} per round: mean over seeds, band = min–max")
@@ -529,7 +321,7 @@ def plot_best_acc_bars(results: pd.DataFrame):
     for ax, ((dataset, backbone), panel) in zip(axes[0], results.groupby(["dataset", "backbone"])):
         splits = sorted(panel["split"].unique(), key=_split_order)
         arms = ["method", "lr_mode", "bn"]
-        bars = panel[arms].drop_duplicates().pipe(_sort)
+        bars = panel[arms].drop_duplicates().pipe(sort_rows)
         width = 0.8 / len(bars)
         for k, (method, lr_mode, bn) in enumerate(bars.itertuples(index=False)):
             arm = (panel[arms] == [method, lr_mode, bn]).all(axis=1)

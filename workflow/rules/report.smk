@@ -24,7 +24,7 @@ rule report:
         out=lambda wildcards, output: Path(output.results).parent.parent,
         # How the claims table decides (config `claims`, see config/README.md).
         parity_margin=config["claims"]["parity_margin"],
-        target_fraction=config["claims"]["rounds_target_fraction"],
+        flat_points=config["claims"]["flat_points"],
         alpha=config["claims"]["alpha"],
     log:
         "results/logs/report.log",
@@ -34,5 +34,5 @@ rule report:
         "../envs/fedsq.yaml"
     shell:
         "python -m fedsq report --runs {params.runs} --partitions {params.partitions} --out {params.out}"
-        " --parity-margin {params.parity_margin} --target-fraction {params.target_fraction} --alpha {params.alpha}"
+        " --parity-margin {params.parity_margin} --flat-points {params.flat_points} --alpha {params.alpha}"
         " > {log} 2>&1"
