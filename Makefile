@@ -36,7 +36,7 @@ evidence: install
 	$(BIN)/snakemake --snakefile $(CURDIR)/Snakefile --directory $(EVIDENCE) --configfile $(CURDIR)/config/evidence.yaml \
 		--cores $(CORES) --keep-going; status=$$?; times > $(EVIDENCE)/cpu_times; \
 	$(BIN)/python scripts/evidence_sitting.py $(EVIDENCE) $$started; exit $$status
-	$(BIN)/python scripts/readme_results.py $(EVIDENCE)/records
+	$(BIN)/python scripts/readme_results.py $(EVIDENCE)/records --out $(EVIDENCE)/report
 
 test: install
 	$(BIN)/python -m pytest

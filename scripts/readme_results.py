@@ -135,12 +135,26 @@ def arms_table(runs: pd.DataFrame, curves: pd.DataFrame, flat_points: float) -> 
     return shown[columns].to_markdown(index=False, disable_numparse=True), note
 
 
+def grid_progress(records: Path, configfile: Path) -> str:
+    """How much of the config's grid the records hold: a grid longer than a sitting is reported
+    as it stands, and said to be incomplete."""
+    from fedsq import data, estimate
+
+    expected = {f"{p.run_set}/{data.dataset_name(p.dataset)}/{p.backbone}/{p.split}/{p.method}/seed{p.seed}"
+                for p in estimate.grid(estimate.load_pipeline_config(configfile))}
+    done = {str(folder.relative_to(records)) for folder in run_dirs(records)} & expected
+    if len(done) == len(expected):
+        return f"The records hold every one of the grid's {len(expected)} FL runs."
+    return (f"**The grid is not complete**: the records hold {len(done)} of its {len(expected)} FL runs, so every"
+            " table below is of the runs recorded so far and will change; `make evidence` continues it.")
+
+
 def run_dirs(records: Path) -> list[Path]:
     """runs/, control/ and bn_control/: <section>/<dataset>/<backbone>/<split>/<method>/seed<N>/."""
     return sorted(p.parent for p in records.glob("*/*/*/*/*/seed*/summary.json"))
 
 
-def results_section(records: Path, out: Path, settings: dict) -> str:
+def results_section(records: Path, out: Path, settings: dict, configfile: Path) -> str:
     folders = run_dirs(records)
     report.build(folders, out, **settings)
     runs, curves = report.load_runs(folders)
@@ -157,6 +171,8 @@ def results_section(records: Path, out: Path, settings: dict) -> str:
         " edit nothing here by hand.",
         f"{len(runs)} FL runs ({', '.join(sorted(set(runs['dataset'] + ' × ' + runs['backbone'])))}),"
         f" seeds {', '.join(sorted(set(runs['seed']), key=int))}. {grid_time(records)}",
+        "",
+        grid_progress(records, configfile),
         "",
         "**The declared analysis** (how to read the tables; generated from `fedsq/analysis.py`):",
         "",
@@ -218,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     if BEGIN not in text or END not in text:
         raise SystemExit(f"{args.readme}: no {BEGIN} ... {END} markers to write between")
     records, out = args.records.resolve(), args.out.resolve()
-    section = results_section(records, out, claims_settings(args.configfile))
+    section = results_section(records, out, claims_settings(args.configfile), args.configfile)
     for source, target in PLOTS.items():
         shutil.copyfile(out / "plots" / source, args.readme.parent / "docs" / "img" / target)
     pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.DOTALL)

@@ -3,17 +3,19 @@
 import json
 import re
 import runpy
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from fedsq import analysis
 from tests.test_report import make_run, plateau
 
 SCRIPT = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "readme_results.py"))
-main = SCRIPT["main"]
+main, grid_progress = SCRIPT["main"], SCRIPT["grid_progress"]
 
 
 def make_records(records: Path) -> None:
@@ -59,7 +61,11 @@ def test_section_is_generated_from_the_records_and_nothing_else_changes(tmp_path
     (tmp_path / "docs" / "img").mkdir(parents=True)
     readme.write_text("# title\n\n<!-- evidence:begin -->\nold numbers\n<!-- evidence:end -->\n\n## after\n")
     config = tmp_path / "evidence.yaml"
-    config.write_text("claims:\n  parity_margin: 0.02\n")
+    config.write_text(yaml.safe_dump({
+        "datasets": ["digits"], "backbones": {"resnet18": {"weights": "scratch"}}, "splits": ["iid", "dir0.1"],
+        "methods": ["fedavg", "fedsq"], "seeds": [0, 1, 2], "control": {"splits": ["dir0.1"]},
+        "claims": {"parity_margin": 0.02},
+    }))
 
     main([str(records), "--out", str(tmp_path / "report"), "--configfile", str(config), "--readme", str(readme)])
 
@@ -68,6 +74,7 @@ def test_section_is_generated_from_the_records_and_nothing_else_changes(tmp_path
     assert text.startswith("# title\n") and text.endswith("<!-- evidence:end -->\n\n## after\n")
     assert "old numbers" not in text
     assert "18 FL runs (digits × resnet18), seeds 0, 1, 2." in text
+    assert "The records hold every one of the grid's 18 FL runs." in text
     # Added up over both sittings: 85 + 30 min of wall time, 9600 s of CPU time.
     assert "**1 h 55 min** of wall time and 2 h 40 min of CPU time (1 h 20 min on 2 idle cores)" in text
     assert "over 2 sitting(s) on 2 machine(s); 30 runs computed" in text
@@ -90,6 +97,19 @@ def test_section_is_generated_from_the_records_and_nothing_else_changes(tmp_path
     parity = claims.query("claim == 'iid_parity' and family == 'primary'").iloc[0]
     assert f"with **{parity['power']:.0%}** chance" in text and parity["n"] == 3
     assert (tmp_path / "docs" / "img" / "evidence-val-acc.png").stat().st_size > 0
+
+
+def test_a_grid_the_records_do_not_complete_is_said_to_be_incomplete(tmp_path):
+    records = tmp_path / "records"
+    make_records(records)
+    shutil.rmtree(records / "runs" / "digits" / "resnet18" / "iid" / "fedsq" / "seed2")
+    config = tmp_path / "evidence.yaml"
+    config.write_text(yaml.safe_dump({
+        "datasets": ["digits"], "backbones": {"resnet18": {"weights": "scratch"}}, "splits": ["iid", "dir0.1"],
+        "methods": ["fedavg", "fedsq"], "seeds": [0, 1, 2], "control": {"splits": ["dir0.1"]},
+    }))
+    assert grid_progress(records, config).startswith(
+        "**The grid is not complete**: the records hold 17 of its 18 FL runs")
 
 
 def test_a_readme_without_markers_is_an_error(tmp_path):
