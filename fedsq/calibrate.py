@@ -62,6 +62,8 @@ def calibrate(cfg: dict, out_json: Path, lrs=None, mode: str = "central", epochs
 
     ``rounds`` None: the run config's rounds. ``record``: a JSON file the result is copied to; a
     result there with this calibration's record key (``fedsq.records``) is taken instead of training.
+    Each lr's score is kept as it comes in ``<record or out_json>.partial.json``, so that a stopped
+    calibration (an evidence sweep is hours of CPU) continues at the next lr, on any machine.
     """
     if mode not in MODES:
         raise ValueError(f"calibration mode {mode!r}: allowed are {', '.join(MODES)}")
@@ -78,10 +80,22 @@ def calibrate(cfg: dict, out_json: Path, lrs=None, mode: str = "central", epochs
         write_atomic(out_json, lambda tmp: tmp.write_text(Path(record).read_text()))
         print(f"{out_json}: reused the calibration recorded in {record} (same record key)")
         return json.loads(out_json.read_text())
-    scores, curves = {}, {}
-    for lr in tqdm(lrs, desc=f"calibrating {cfg['method']['name']} ({mode})", unit="lr"):
+    partial = Path(record or out_json).with_suffix(".partial.json")
+    done = json.loads(partial.read_text()) if partial.is_file() else {}
+    if done.get("record_key") != record_key:
+        done = {"record_key": record_key, "scores": {}, "curves": {}}
+    scores = {float(lr): score for lr, score in done["scores"].items()}
+    curves = {float(lr): curve for lr, curve in done["curves"].items()}
+    model_form = done.get("model_form")
+    todo = [lr for lr in lrs if lr not in scores]
+    for lr in tqdm(todo, desc=f"calibrating {cfg['method']['name']} ({mode})", unit="lr",
+                   initial=len(lrs) - len(todo), total=len(lrs)):
         cfg["optimizer"]["lr"] = lr
         scores[lr], curves[lr], model_form = _score(cfg, lr, mode, epochs, budget.get("rounds", 0))
+        done["scores"][str(lr)], done["curves"][str(lr)], done["model_form"] = scores[lr], curves[lr], model_form
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(partial, lambda tmp: tmp.write_text(json.dumps(done, indent=1)))
+    scores = dict(sorted(scores.items()))
     finite = {lr: s for lr, s in scores.items() if s is not None}
     if not finite:
         raise ValueError(f"lrs: every candidate diverged ({lrs}); try smaller learning rates")
@@ -108,4 +122,5 @@ def calibrate(cfg: dict, out_json: Path, lrs=None, mode: str = "central", epochs
     if record is not None:
         Path(record).parent.mkdir(parents=True, exist_ok=True)
         write_atomic(Path(record), lambda tmp: tmp.write_text(out_json.read_text()))
+    partial.unlink(missing_ok=True)
     return result

@@ -52,3 +52,31 @@ def test_all_candidates_diverging_is_an_error(digits_root, tmp_path):
     with pytest.raises(ValueError, match="every candidate diverged"):
         calibrate.calibrate(cfg, tmp_path / "x.json", lrs=[1e9], epochs=1)
     assert not (tmp_path / "x.json").exists()
+
+
+def test_a_stopped_sweep_continues_at_the_next_lr_and_a_recorded_one_is_reused(digits_root, tmp_path, monkeypatch):
+    scored = []
+
+    def fake_score(cfg, lr, mode, epochs, rounds):
+        if lr == 0.1 and "stopped" not in scored:
+            scored.append("stopped")
+            raise KeyboardInterrupt  # the job is killed while it tries the second lr
+        scored.append(lr)
+        return lr, [0.1, lr], "ResNet"
+
+    monkeypatch.setattr(calibrate, "_score", fake_score)
+    cfg, record = make_cfg(digits_root, tmp_path), tmp_path / "records" / "fedavg.json"
+    sweep = dict(lrs=[0.01, 0.1], mode="federated", rounds=2, record=record)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate.calibrate(cfg, tmp_path / "a.json", **sweep)
+    assert not record.exists() and json.loads(record.with_suffix(".partial.json").read_text())["scores"] == {"0.01": 0.01}
+
+    result = calibrate.calibrate(cfg, tmp_path / "b.json", **sweep)
+    assert scored == [0.01, "stopped", 0.1]  # 0.01 was not trained again
+    assert result["lr"] == 0.1 and result["curves"] == {"0.01": [0.1, 0.01], "0.1": [0.1, 0.1]}
+    assert json.loads(record.read_text()) == result and not record.with_suffix(".partial.json").exists()
+
+    assert calibrate.calibrate(cfg, tmp_path / "c.json", **sweep) == result
+    assert scored == [0.01, "stopped", 0.1]  # reused whole
+    other = calibrate.calibrate(cfg, tmp_path / "d.json", **sweep | {"rounds": 3})  # another budget: another key
+    assert other["budget"] == {"rounds": 3} and scored[3:] == [0.01, 0.1]
