@@ -46,7 +46,7 @@ import pandas as pd
 
 from fedsq import estimate
 
-# Image shapes (H, W, C) of datasets not prepared yet, as data.prepare writes them.
+# Image shapes (H, W, C) of the datasets of estimate.KNOWN_SIZES not prepared yet, as data.prepare writes them.
 IMAGE_SHAPES = {"cinic10": (32, 32, 3), "cifar100": (32, 32, 3), "digits": (8, 8, 1)}
 STEPS = 3  # training steps of the longer timed client
 REPEATS = 3  # each timed client, its median taken: one slow call on a busy machine does not count
@@ -108,9 +108,7 @@ def image_shape(row: estimate.Row) -> tuple[int, int, int]:
     """(H, W, C) of a row's images: the prepared meta.json's where row's sizes came from it, else the table."""
     if row.where.endswith("meta.json"):
         return tuple(json.loads(Path(row.where).read_text())["image_shape"])
-    if row.dataset not in IMAGE_SHAPES:
-        raise ValueError(f"datasets: no image shape known for {row.dataset!r}; prepare it (`fedsq data prepare {row.dataset}`)")
-    return IMAGE_SHAPES[row.dataset]
+    return IMAGE_SHAPES[row.dataset]  # estimate.dataset_sizes knows no other unprepared dataset
 
 
 def client_batch(samples: float, batch_size: int) -> int:
@@ -244,7 +242,7 @@ def jobs_at_once(config: dict, device_type: str, jobs_per_device: int | None) ->
 
         return gpu_slots.slots_per_gpu(), "$FEDSQ_SLOTS_PER_GPU (default 1)"
     cores, threads = len(os.sched_getaffinity(0)), config["resources"]["fl"]["threads"]
-    return max(1, cores // threads), f"{cores} cores / {threads} threads per job (resources.fl.threads)"
+    return max(1, cores // threads), f"{cores} cores / resources.fl.threads {threads}"
 
 
 def other_jobs(config: dict) -> int:
@@ -349,7 +347,7 @@ def render(result: Measured, floor: estimate.Estimate, peak_tflops: float = esti
         "alone).",
         f"The pipeline's {result.other_jobs} other jobs (data, weights, partitions, tracking store, report), each "
         f"costed as one launch ({60 * result.other_hours:.3g} min in all; their own work and Snakemake's not timed), "
-        f"run off the GPU on a cluster; on a CPU machine they share its cores: wall with them "
+        "on a cluster they run off the GPUs; on one CPU machine they share its cores: wall with them "
         f"{60 * (result.wall_hours + result.other_hours / result.jobs_at_once):.3g} min.",
         f"FLOP floor at {utilisation:.0%} of peak ({peak_tflops:g} TFLOP/s; --utilisation, --peak-tflops): "
         f"{estimate.flop_floor_hours(floor, peak_tflops, utilisation):.3g} GPU-h, a lower bound, not the estimate.",

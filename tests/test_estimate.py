@@ -12,7 +12,7 @@ import torch
 import yaml
 from torch import nn
 
-from fedsq import cli, config, engine, estimate, measure
+from fedsq import cli, config, data, engine, estimate, measure
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO / "config" / "config.yaml"
@@ -182,7 +182,7 @@ def test_validation_subset_reads_fedsqs_cached_regimes_of_its_own_samples(digits
 
 # The measured estimate (fedsq.measure, `fedsq estimate --measure`), on CPU with a tiny backbone.
 
-def tiny_pipeline_config(folder: Path, jobs_per_device: int | None = None) -> dict:
+def tiny_pipeline_config(folder: Path) -> dict:
     raw = {
         "datasets": ["digits"],
         "backbones": {"timm/test_resnet": {"weights": "imagenet"}},  # no weights file: timed with random weights
@@ -205,6 +205,7 @@ def measured(tmp_path_factory):
     return measure.measure(tiny_pipeline_config(folder), work=folder)
 
 
+@pytest.mark.slow  # the fixture: a fresh interpreter's imports and 3 methods' steps, 40 s on 2 busy cores
 def test_measured_times_are_finite_and_positive(measured):
     t = measured.table
     assert list(zip(t["backbone"], t["method"])) == [("timm/test_resnet", m) for m in ("fedavg", "fedprox", "fedsq")]
@@ -217,6 +218,7 @@ def test_measured_times_are_finite_and_positive(measured):
     assert any("random weights" in note for note in measured.notes)
 
 
+@pytest.mark.slow  # the fixture: a fresh interpreter's imports and 3 methods' steps, 40 s on 2 busy cores
 def test_measured_totals_add_up_from_the_jobs(measured):
     t = measured.table
     assert t["runs"].tolist() == [3, 3, 3] and t["calibrations"].tolist() == [1, 1, 1]  # 2 seeds + 1 control
@@ -232,11 +234,11 @@ def test_measured_totals_add_up_from_the_jobs(measured):
 
 def test_job_hours_by_hand(tmp_path):
     """h / job = start + cache + clients x client cost + steps x step time + images evaluated x time per image."""
-    config = tiny_pipeline_config(tmp_path)
-    row = next(r for r in estimate.grid_rows(config) if r.method == "fedsq")
+    pipeline = tiny_pipeline_config(tmp_path)
+    row = next(r for r in estimate.grid_rows(pipeline) if r.method == "fedsq")
     timing = measure.Timing(client_step=2.0, calibration_step=3.0, client=5.0, eval_image=0.01, cache_image=0.1, setup=7.0)
     launch = measure.Launch(calibration=11.0, fl_run=13.0)
-    run_h, calibration_h = measure.job_hours(row, config["calibration"], timing, launch)
+    run_h, calibration_h = measure.job_hours(row, pipeline["calibration"], timing, launch)
     train, val, test = 1293, 144, 360  # digits less 20 % test, less 10 % validation
     assert (row.sizes["train"], row.sizes["val"], row.sizes["test"]) == (train, val, test)
     cache = (train + val + test) * 0.1
@@ -253,15 +255,25 @@ def test_job_hours_by_hand(tmp_path):
     assert calibration_h * 3600 == pytest.approx(11 + 2 * (7 + cache) + 2 * 5 + 2 * train / 16 * 3 + 2 * val * 0.01)
 
 
+def test_image_shape_of_a_prepared_dataset_or_from_the_table(digits_root, tmp_path):
+    assert measure.IMAGE_SHAPES.keys() == estimate.KNOWN_SIZES.keys()
+    pipeline = tiny_pipeline_config(tmp_path)
+    assert measure.image_shape(estimate.grid_rows(pipeline)[0]) == (8, 8, 1)  # not prepared: the table
+    pipeline["run"]["paths"]["data"] = str(digits_root)
+    pipeline["data"]["val_fraction"] = 0.1  # as data.prepare's default made it
+    row = estimate.grid_rows(pipeline)[0]
+    assert row.where.endswith("meta.json") and measure.image_shape(row) == data.load("digits", digits_root).image_shape
+
+
 def test_jobs_at_once(tmp_path, monkeypatch):
-    config = tiny_pipeline_config(tmp_path)
-    config["resources"]["fl"]["threads"] = 4
+    pipeline = tiny_pipeline_config(tmp_path)
+    pipeline["resources"]["fl"]["threads"] = 4
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
-    assert measure.jobs_at_once(config, "cpu", None)[0] == 4  # 16 cores / 4 threads
-    assert measure.jobs_at_once(config, "cpu", 3)[0] == 3
+    assert measure.jobs_at_once(pipeline, "cpu", None)[0] == 4  # 16 cores / 4 threads
+    assert measure.jobs_at_once(pipeline, "cpu", 3)[0] == 3
     monkeypatch.setenv("FEDSQ_SLOTS_PER_GPU", "6")
-    assert measure.jobs_at_once(config, "cuda", None)[0] == 6
-    assert measure.jobs_at_once(config, "cuda", 2)[0] == 2
+    assert measure.jobs_at_once(pipeline, "cuda", None)[0] == 6
+    assert measure.jobs_at_once(pipeline, "cuda", 2)[0] == 2
 
 
 def test_cli_measure_divides_the_wall_time_by_the_jobs_per_device(tmp_path, monkeypatch, capsys):
