@@ -250,8 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time real training steps, evaluation, FedSQ's cache build and a job's start on the config's "
                    "device; hours from those times (the FLOP figure is a floor)")
     p.add_argument("--jobs-per-device", type=_whole, default=None,
-                   help="--measure: jobs run at once on one device (default: on a GPU $FEDSQ_SLOTS_PER_GPU, or 1; "
-                   "on a CPU its cores over resources.fl.threads)")
+                   help="--measure: jobs run at once on one device (default: this machine's cores over "
+                   "resources.fl.threads, on a GPU at most $FEDSQ_SLOTS_PER_GPU)")
     p.set_defaults(func=_estimate)
     return parser
 

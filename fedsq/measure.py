@@ -26,7 +26,7 @@ tracking store, report) are counted apart, each as one launch, their own work no
 Hours of a job = fixed start + cache build + clients x client cost + steps x step time + images
 evaluated x time per image, with the counts of ``fedsq.estimate`` (in expectation over client
 sampling). The grid's wall time is the sum over jobs over the jobs run at once, each as fast as
-alone: on a CPU, the cores over the config's threads; on a GPU, $FEDSQ_SLOTS_PER_GPU per GPU.
+alone: the machine's cores over the config's threads, on a GPU at most $FEDSQ_SLOTS_PER_GPU.
 """
 
 from __future__ import annotations
@@ -233,16 +233,18 @@ def time_launch(device: str, threads: int, work: Path) -> Launch:
 
 
 def jobs_at_once(config: dict, device_type: str, jobs_per_device: int | None) -> tuple[int, str]:
-    """(jobs run at once on one device, why): as given; else $FEDSQ_SLOTS_PER_GPU on a GPU, and on a
-    CPU as many jobs as its cores hold at the config's FL threads."""
+    """(jobs run at once on one device, why): as given; else as many as this machine's cores hold at
+    the config's FL threads (Snakemake's --cores), on a GPU at most $FEDSQ_SLOTS_PER_GPU."""
     if jobs_per_device is not None:
         return jobs_per_device, "--jobs-per-device"
+    cores, threads = len(os.sched_getaffinity(0)), config["resources"]["fl"]["threads"]
+    held, why = max(1, cores // threads), f"{cores} cores / resources.fl.threads {threads}"
     if device_type == "cuda":
         from fedsq import gpu_slots
 
-        return gpu_slots.slots_per_gpu(), "$FEDSQ_SLOTS_PER_GPU (default 1)"
-    cores, threads = len(os.sched_getaffinity(0)), config["resources"]["fl"]["threads"]
-    return max(1, cores // threads), f"{cores} cores / resources.fl.threads {threads}"
+        slots = gpu_slots.slots_per_gpu()
+        return min(slots, held), f"the least of $FEDSQ_SLOTS_PER_GPU {slots} and {why}"
+    return held, why
 
 
 def other_jobs(config: dict) -> int:

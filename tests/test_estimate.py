@@ -253,6 +253,11 @@ def test_job_hours_by_hand(tmp_path):
     # Central: per lr one client, the pooled set in near-equal batches of 16 (81 of 15.96), one validation pass.
     assert measure.calibration_batch(row) == 16
     assert calibration_h * 3600 == pytest.approx(11 + 2 * (7 + cache) + 2 * 5 + 2 * train / 16 * 3 + 2 * val * 0.01)
+    # Federated: per lr 3 rounds of 4 clients at the FL batch, validated every round.
+    federated = pipeline["calibration"] | {"mode": "federated", "rounds": 3}
+    _, federated_h = measure.job_hours(row, federated, timing, launch)
+    assert federated_h * 3600 == pytest.approx(
+        11 + 2 * (7 + cache) + 2 * 3 * 4 * 5 + 2 * 3 * train / client_batch * 2 + 2 * 3 * val * 0.01)
 
 
 def test_image_shape_of_a_prepared_dataset_or_from_the_table(digits_root, tmp_path):
@@ -271,8 +276,10 @@ def test_jobs_at_once(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     assert measure.jobs_at_once(pipeline, "cpu", None)[0] == 4  # 16 cores / 4 threads
     assert measure.jobs_at_once(pipeline, "cpu", 3)[0] == 3
+    monkeypatch.setenv("FEDSQ_SLOTS_PER_GPU", "3")
+    assert measure.jobs_at_once(pipeline, "cuda", None)[0] == 3
     monkeypatch.setenv("FEDSQ_SLOTS_PER_GPU", "6")
-    assert measure.jobs_at_once(pipeline, "cuda", None)[0] == 6
+    assert measure.jobs_at_once(pipeline, "cuda", None)[0] == 4  # 6 slots, but the cores hold 4 jobs
     assert measure.jobs_at_once(pipeline, "cuda", 2)[0] == 2
 
 
