@@ -6,7 +6,7 @@ device the config asks for, with the config's threads, and times:
 - a training step at the batch size FL clients train (the engine cuts a client into near-equal
   batches no larger than batch_size) and at the calibration's, through ``Simulation.train_client``
   (the method's own step: DualCopy for FedSQ, FedProx's term, BatchNorm policy), after a warm-up:
-  k steps less 1 step, over k - 1;
+  a client of k steps less one of 1 step, over k - 1, each in one epoch (as a client's last);
 - a client's fixed cost (optimizer, state loads, the strategy's and BatchNorm policy's client
   hooks, adding its state to the round's average): one client of 1 step less 1 step;
 - an evaluation batch (``Simulation.predict``) of eval.batch_size images, per image;
@@ -168,8 +168,8 @@ def time_row(row: estimate.Row, work: Path) -> tuple[Timing, list[str]]:
         notes.append(f"{row.backbone}: pretrained weights not on disk, timed with random weights of the same architecture")
     batch, central_batch = fl_batch(row), calibration_batch(row)
     eval_batch = cfg["eval"]["batch_size"]
-    sizes = {"train": max(batch, central_batch), "val": eval_batch, "test": eval_batch}
-    root = work / f"{row.dataset}-{row.backbone}-{row.method}"
+    sizes = {"train": STEPS * max(batch, central_batch), "val": eval_batch, "test": eval_batch}
+    root = Path(tempfile.mkdtemp(dir=work))
     _write_synthetic(root / "data", row.dataset, image_shape(row), row.classes, sizes)
     cfg["paths"] |= {"data": str(root / "data"), "partition": None}
     cfg["split"] |= {"scheme": "iid", "num_clients": 1}  # the timed client is given its samples
@@ -184,11 +184,13 @@ def time_row(row: estimate.Row, work: Path) -> tuple[Timing, list[str]]:
     state, lr = sim.global_state(), 0.01
 
     def client(samples: int, steps: int) -> float:
-        """Median seconds of one client: ``steps`` steps of a batch of ``samples``, and its state averaged."""
+        """Median seconds of one client: one epoch of ``steps`` batches of ``samples``, its state averaged."""
         def train():
             average = sim.new_average()
-            sim.train_client(0, np.arange(samples), 1, lr, state, epochs=steps)  # one batch per epoch
-            average.add(sim.model.state_dict(), samples)
+            sim.train_client(0, np.arange(steps * samples), 1, lr, state)
+            average.add(sim.model.state_dict(), steps * samples)
+        # One epoch, as a client's last (pooled BatchNorm averages its statistics there).
+        sim.cfg["batch_size"] = samples
         return float(np.median([timed(train) for _ in range(REPEATS)]))
 
     def step(samples: int) -> tuple[float, float]:
@@ -196,7 +198,7 @@ def time_row(row: estimate.Row, work: Path) -> tuple[Timing, list[str]]:
         one = client(samples, 1)
         return (client(samples, STEPS) - one) / (STEPS - 1), one
 
-    timed(lambda: sim.train_client(0, np.arange(batch), 1, lr, state))  # warm-up: allocations, kernel choices
+    client(batch, 1)  # warm-up: allocations, kernel choices
     client_step, one_step = step(batch)
     calibration_step, _ = step(central_batch)
     sim.predict("val")  # warm-up
