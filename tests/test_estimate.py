@@ -305,3 +305,13 @@ def test_cli_measure_divides_the_wall_time_by_the_jobs_per_device(tmp_path, monk
     with pytest.raises(SystemExit):
         cli.main(["estimate", "--measure", "--configfile", str(tmp_path / "tiny.yaml"), "--jobs-per-device", "0"])
     assert "--jobs-per-device" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: cuda is what the config may ask for")
+def test_cli_measure_on_a_device_that_is_not_here_is_one_line(tmp_path, capsys):
+    tiny_pipeline_config(tmp_path)
+    raw = yaml.safe_load((tmp_path / "tiny.yaml").read_text())
+    raw["run"]["device"] = "cuda"
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(raw))
+    assert cli.main(["estimate", "--measure", "--configfile", str(tmp_path / "tiny.yaml")]) == 2
+    assert "cuda" in capsys.readouterr().err
