@@ -114,15 +114,28 @@ def _estimate(args: argparse.Namespace) -> None:
     from fedsq import estimate
 
     given = {k: v for k, v in vars(args).items() if k in ("peak_tflops", "utilisation", "new_best_share") and v is not None}
-    result = estimate.estimate(estimate.load_pipeline_config(args.configfile), given.get("new_best_share"))
+    config = estimate.load_pipeline_config(args.configfile)
+    result = estimate.estimate(config, given.get("new_best_share"))
     print(f"fedsq estimate for {args.configfile}")
-    print(estimate.render(result, **given))
+    if args.measure:
+        from fedsq import measure
+
+        peak = {k: v for k, v in given.items() if k != "new_best_share"}
+        print(measure.render(measure.measure(config, args.jobs_per_device), result, **peak))
+    else:
+        print(estimate.render(result, **given))
 
 
 def _positive(text: str) -> float:
     if not float(text) > 0:
         raise argparse.ArgumentTypeError(f"{text} is not above 0")
     return float(text)
+
+
+def _whole(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a whole number of 1 or more")
+    return int(text)
 
 
 def _fraction(text: str) -> float:
@@ -233,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.05, help="significance level after the Holm adjustment")
     p.set_defaults(func=_report)
 
-    p = sub.add_parser("estimate", help="what a pipeline config costs: samples, images, FLOPs, GPU-hours")
+    p = sub.add_parser("estimate", help="what a pipeline config costs: samples, images, FLOPs, hours (--measure)")
     p.add_argument("--configfile", default="config/config.yaml", help="pipeline config, as snakemake --configfile")
     p.add_argument("--peak-tflops", type=_positive, help="GPU peak in TFLOP/s (default 989: an H100's dense bf16)")
     p.add_argument("--utilisation", type=_positive, help="fraction of the peak reached (default 0.3)")
@@ -243,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of the validated rounds off the test schedule assumed to set a new best, each an extra test "
         "pass (default 0.25)",
     )
+    p.add_argument("--measure", action="store_true",
+                   help="time real training steps, evaluation, FedSQ's cache build and a job's start on the config's "
+                   "device; hours from those times (the FLOP figure is a floor)")
+    p.add_argument("--jobs-per-device", type=_whole, default=None,
+                   help="--measure: jobs run at once on one device (default: this machine's cores over "
+                   "resources.fl.threads, on a GPU at most $FEDSQ_SLOTS_PER_GPU)")
     p.set_defaults(func=_estimate)
     return parser
 

@@ -1,4 +1,6 @@
-"""What a pipeline config costs before launch: samples trained, images evaluated, FLOPs, GPU-hours.
+"""What a pipeline config costs before launch: samples trained, images evaluated, FLOPs, and the
+GPU-hours those FLOPs take at a stated fraction of a peak: a floor, not a forecast (``fedsq.measure``
+times real steps for the estimate).
 
 The grid (``grid``, also the workflow's list of targets) holds the calibrated runs, the equal-lr
 control and the BatchNorm control; with one calibration per dataset x backbone x method x
@@ -15,7 +17,9 @@ BatchNorm form the calibrated runs use, each job is costed as the engine runs it
 FLOPs per image are counted by ``torch.utils.flop_counter.FlopCounterMode`` on the real backbone
 (random weights: the count does not depend on them) at the run's image size. It counts matrix
 products and convolutions, a multiply-add as 2 FLOPs as GPU peaks do, and leaves out BatchNorm,
-activations and FedSQ's masks. GPU-hours divide the FLOPs by a stated fraction of a stated peak.
+activations and FedSQ's masks. The FLOP floor divides the FLOPs by a stated fraction of a stated
+peak; eager training of small images in small batches is bound by kernel launches and Python, not
+FLOPs, so the hours it takes are a multiple of that floor.
 """
 
 from __future__ import annotations
@@ -244,14 +248,21 @@ def calibration_cost(cfg: dict, calibration: dict, sizes: dict, flops: ImageFlop
     return Cost(lrs * trained, lrs * val_passes * val_images, lrs * train_flops, lrs * eval_flops)
 
 
-class Estimate(NamedTuple):
-    table: pd.DataFrame  # one row per (dataset, backbone, method)
-    sizes: dict[str, str]  # dataset -> "train/val/test (where from)"
+class Row(NamedTuple):
+    """One (dataset, backbone, method) of a grid: its job counts and its resolved run config."""
+    dataset: str
+    backbone: str
+    method: str
+    runs: int
+    calibrations: int
+    cfg: dict  # the base run config with this dataset, backbone (its weights, image size) and method
+    sizes: dict  # {train, val, test}: images
+    classes: int
+    where: str  # where the sizes came from
 
 
-def estimate(config: dict, new_best_share: float | None = None, deadline: float | None = None) -> Estimate:
-    """The cost of a validated pipeline config (its schema's defaults filled, as Snakemake does)."""
-    new_best_share = NEW_BEST_SHARE if new_best_share is None else new_best_share
+def grid_rows(config: dict) -> list[Row]:
+    """The grid of a validated pipeline config by (dataset, backbone, method), sorted."""
     try:
         base = run_config.load(config["run"])
     except ValueError as err:
@@ -262,28 +273,43 @@ def estimate(config: dict, new_best_share: float | None = None, deadline: float 
     bn_forms = {(p.dataset, p.backbone, p.method, config["bn_control"]["bn"] if p.run_set == "bn_control" else base["bn"])
                 for p in points if p.run_set in CALIBRATED}
     calibrations = pd.Series([form[:3] for form in bn_forms]).value_counts()
-    rows, sizes = [], {}
+    result = []
     for key in sorted(runs.index):
         dataset, backbone, method = key
-        image_size = config["backbones"][backbone]["image_size"]
-        cfg = run_config.load(config["run"], [f"dataset={dataset}", f"backbone={backbone}", f"method.name={method}"]
-                              + ([f"image_size={image_size}"] if image_size else []))
-        split_sizes, classes, where = dataset_sizes(
+        block = config["backbones"][backbone]
+        cfg = run_config.load(config["run"], [f"dataset={dataset}", f"backbone={backbone}", f"method.name={method}",
+                                              f"weights={block['weights']}"]
+                              + ([f"image_size={block['image_size']}"] if block["image_size"] else []))
+        sizes, classes, where = dataset_sizes(
             dataset, cfg["paths"]["data"], config["data"]["val_fraction"], config["data"]["seed"])
-        sizes[dataset] = f"{split_sizes['train']}/{split_sizes['val']}/{split_sizes['test']} ({where})"
-        flops = image_flops(backbone, cfg["image_size"], classes, cfg["method"], deadline)
-        run = run_cost(cfg, split_sizes, flops, new_best_share)
-        calibration = calibration_cost(cfg, config["calibration"], split_sizes, flops)
-        n_cal = int(calibrations.get(key, 0))
-        rows.append({
-            "dataset": dataset, "backbone": backbone, "method": method,
-            "runs": int(runs[key]), "calibrations": n_cal,
+        result.append(Row(*key, int(runs[key]), int(calibrations.get(key, 0)), cfg, sizes, classes, where))
+    return result
+
+
+class Estimate(NamedTuple):
+    table: pd.DataFrame  # one row per (dataset, backbone, method)
+    sizes: dict[str, str]  # dataset -> "train/val/test (where from)"
+
+
+def estimate(config: dict, new_best_share: float | None = None, deadline: float | None = None) -> Estimate:
+    """The cost of a validated pipeline config (its schema's defaults filled, as Snakemake does)."""
+    new_best_share = NEW_BEST_SHARE if new_best_share is None else new_best_share
+    table, sizes = [], {}
+    for row in grid_rows(config):
+        cfg = row.cfg
+        sizes[row.dataset] = f"{row.sizes['train']}/{row.sizes['val']}/{row.sizes['test']} ({row.where})"
+        flops = image_flops(row.backbone, cfg["image_size"], row.classes, cfg["method"], deadline)
+        run = run_cost(cfg, row.sizes, flops, new_best_share)
+        calibration = calibration_cost(cfg, config["calibration"], row.sizes, flops)
+        table.append({
+            "dataset": row.dataset, "backbone": row.backbone, "method": row.method,
+            "runs": row.runs, "calibrations": row.calibrations,
             "forward": flops.forward, "backward": flops.backward,
             "regimes": ("cached" if _caches_regimes(cfg) else "live") if flops.forward > flops.plain else "",
-            **{f"run_{k}": runs[key] * v for k, v in run._asdict().items()},
-            **{f"calibration_{k}": n_cal * v for k, v in calibration._asdict().items()},
+            **{f"run_{k}": row.runs * v for k, v in run._asdict().items()},
+            **{f"calibration_{k}": row.calibrations * v for k, v in calibration._asdict().items()},
         })
-    return Estimate(pd.DataFrame(rows), sizes)
+    return Estimate(pd.DataFrame(table), sizes)
 
 
 def _row_flops(r) -> tuple[float, float]:
@@ -294,6 +320,11 @@ def _row_flops(r) -> tuple[float, float]:
 
 def _gpu_hours(flops: float, peak_tflops: float, utilisation: float) -> float:
     return flops / (peak_tflops * 1e12 * utilisation) / 3600
+
+
+def flop_floor_hours(est: Estimate, peak_tflops: float = H100_BF16_TFLOPS, utilisation: float = UTILISATION) -> float:
+    """GPU-hours of the whole grid's FLOPs (calibrations included) at ``utilisation`` of ``peak_tflops``."""
+    return _gpu_hours(_row_flops(est.table.sum(numeric_only=True))[1], peak_tflops, utilisation)
 
 
 def _number(x: float) -> str:
@@ -318,7 +349,7 @@ def render(est: Estimate, peak_tflops: float = H100_BF16_TFLOPS, utilisation: fl
             "GFLOP bwd / sample": f"{r['backward'] / 1e9:.3f}" if per_image else "",
             "FedSQ regimes": r["regimes"] if per_image else "",
             "eval share of FL runs": f"{r['run_eval_flops'] / run_flops:.1%}",
-            "GPU-h": _number(_gpu_hours(all_flops, peak_tflops, utilisation)),
+            "FLOP floor GPU-h": _number(_gpu_hours(all_flops, peak_tflops, utilisation)),
         })
     run_flops, all_flops = _row_flops(total)
     calibration_hours = _gpu_hours(all_flops - run_flops, peak_tflops, utilisation)
@@ -330,8 +361,9 @@ def render(est: Estimate, peak_tflops: float = H100_BF16_TFLOPS, utilisation: fl
         "sample of every split before round 0, each pass after it the quantitative copy's alone.",
         f"Assumed: a new best validation accuracy, hence an extra test pass, at {new_best_share:.0%} of the "
         "validated rounds off the test schedule (--new-best-share); clients sampled at their expected share.",
-        f"GPU-h at {utilisation:.0%} of {peak_tflops:g} TFLOP/s (--utilisation, --peak-tflops; default an H100's "
-        f"dense bf16 peak), calibrations' {_number(calibration_hours)} GPU-h included.",
+        f"FLOP floor at {utilisation:.0%} of {peak_tflops:g} TFLOP/s (--utilisation, --peak-tflops; default an H100's "
+        f"dense bf16 peak), calibrations' {_number(calibration_hours)} GPU-h included: a lower bound, not the "
+        "estimate (launch-bound eager steps take a multiple of it); `fedsq estimate --measure` times real steps.",
         "",
         pd.DataFrame(shown).to_markdown(index=False, disable_numparse=True, colalign=["left"] * 3 + ["right"] * 6 + ["left", "right", "right"]),
     ])
@@ -346,8 +378,8 @@ def summary_line(config: dict, budget_s: float = 30.0) -> str:
     except Exception as err:  # noqa: BLE001 - any failure: report it and let the workflow run
         return f"fedsq estimate: unavailable ({type(err).__name__}: {err})"
     total = est.table.sum(numeric_only=True)
-    run_flops, all_flops = _row_flops(total)
-    return (f"fedsq estimate: {total['runs']:.0f} FL runs + {total['calibrations']:.0f} calibrations, about "
-            f"{_number(_gpu_hours(all_flops, H100_BF16_TFLOPS, UTILISATION))} GPU-h at {UTILISATION:.0%} of an H100's "
-            f"{H100_BF16_TFLOPS:g} TFLOP/s; evaluation {total['run_eval_flops'] / run_flops:.0%} of the FL runs' "
-            "compute (`fedsq estimate --configfile ...` prints the table)")
+    run_flops, _ = _row_flops(total)
+    return (f"fedsq estimate: {total['runs']:.0f} FL runs + {total['calibrations']:.0f} calibrations; FLOP floor "
+            f"{_number(flop_floor_hours(est))} GPU-h at {UTILISATION:.0%} of an H100's "
+            f"{H100_BF16_TFLOPS:g} TFLOP/s (a lower bound); evaluation {total['run_eval_flops'] / run_flops:.0%} of the "
+            "FL runs' compute (`fedsq estimate --measure --configfile ...` times real steps)")

@@ -1,6 +1,9 @@
 """The cost estimate (fedsq.estimate, `fedsq estimate`) and the evaluation schedule it costs."""
 
 import json
+import math
+import os
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -9,7 +12,7 @@ import torch
 import yaml
 from torch import nn
 
-from fedsq import cli, config, engine, estimate
+from fedsq import cli, config, data, engine, estimate, measure
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO / "config" / "config.yaml"
@@ -175,3 +178,140 @@ def test_validation_subset_reads_fedsqs_cached_regimes_of_its_own_samples(digits
         return engine.Simulation(cfg, tmp_path).evaluate("val")
 
     assert val_accuracy(True) == pytest.approx(val_accuracy(False))
+
+
+# The measured estimate (fedsq.measure, `fedsq estimate --measure`), on CPU with a tiny backbone.
+
+def tiny_pipeline_config(folder: Path) -> dict:
+    raw = {
+        "datasets": ["digits"],
+        "backbones": {"timm/test_resnet": {"weights": "imagenet"}},  # no weights file: timed with random weights
+        "splits": ["iid"], "methods": ["fedavg", "fedprox", "fedsq"], "seeds": [0, 1],
+        "run": {"rounds": 2, "image_size": 32, "device": "cpu", "split": {"num_clients": 4}, "batch_size": 16,
+                "eval": {"batch_size": 32},
+                "paths": {"data": str(folder / "data"), "weights": str(folder / "weights")}},
+        "calibration": {"lrs": [0.01, 0.1], "mode": "central", "epochs": 1},
+        "control": {"enabled": True, "lr": 0.03, "splits": ["iid"], "seeds": [0]},
+        "resources": {"gpu": 0, "fl": {"threads": 1}, "calibrate": {"threads": 1}},
+    }
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return estimate.load_pipeline_config(path)
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("measure")
+    return measure.measure(tiny_pipeline_config(folder), work=folder)
+
+
+@pytest.mark.slow  # the fixture: a fresh interpreter's imports and 3 methods' steps, 40 s on 2 busy cores
+def test_measured_times_are_finite_and_positive(measured):
+    t = measured.table
+    assert list(zip(t["backbone"], t["method"])) == [("timm/test_resnet", m) for m in ("fedavg", "fedprox", "fedsq")]
+    for column in ("client_step", "calibration_step", "eval_image", "setup", "run_h", "calibration_h", "job_h"):
+        assert (t[column] > 0).all() and t[column].map(math.isfinite).all(), column
+    assert (t["client"] >= 0).all()  # 0 where the machine's noise exceeds a client's fixed cost
+    # Only FedSQ builds a regime cache.
+    assert (t["cache_image"] > 0).tolist() == [False, False, True]
+    assert 0 < measured.launch.calibration < measured.launch.fl_run  # an FL run also starts MLflow
+    assert any("random weights" in note for note in measured.notes)
+
+
+@pytest.mark.slow  # the fixture: a fresh interpreter's imports and 3 methods' steps, 40 s on 2 busy cores
+def test_measured_totals_add_up_from_the_jobs(measured):
+    t = measured.table
+    assert t["runs"].tolist() == [3, 3, 3] and t["calibrations"].tolist() == [1, 1, 1]  # 2 seeds + 1 control
+    assert t["job_h"].tolist() == pytest.approx((t["runs"] * t["run_h"] + t["calibrations"] * t["calibration_h"]).tolist())
+    assert measured.job_hours == pytest.approx(t["job_h"].sum())
+    cores = len(os.sched_getaffinity(0))
+    assert measured.jobs_at_once == max(1, cores // 1)  # resources.fl.threads: 1
+    assert measured.wall_hours == pytest.approx(measured.job_hours / measured.jobs_at_once)
+    # digits: its preparation, 1 weights fetch, 1 split x 2 seeds of partitions, the store, the report.
+    assert measured.other_jobs == 1 + 1 + 2 + 2
+    assert measured.other_hours == pytest.approx(6 * measured.launch.calibration / 3600)
+
+
+def test_job_hours_by_hand(tmp_path):
+    """h / job = start + cache + clients x client cost + steps x step time + images evaluated x time per image."""
+    pipeline = tiny_pipeline_config(tmp_path)
+    row = next(r for r in estimate.grid_rows(pipeline) if r.method == "fedsq")
+    timing = measure.Timing(client_step=2.0, calibration_step=3.0, client=5.0, eval_image=0.01, cache_image=0.1, setup=7.0)
+    launch = measure.Launch(calibration=11.0, fl_run=13.0)
+    run_h, calibration_h = measure.job_hours(row, pipeline["calibration"], timing, launch)
+    train, val, test = 1293, 144, 360  # digits less 20 % test, less 10 % validation
+    assert (row.sizes["train"], row.sizes["val"], row.sizes["test"]) == (train, val, test)
+    cache = (train + val + test) * 0.1
+    # 4 clients of 323.25 samples in batches of 16: 21 near-equal batches of 15.
+    client_batch = measure.client_batch(train / 4, 16)
+    assert client_batch == 15
+    trained = 2 * 4 * train / 4  # rounds x clients (all sampled) x samples x 1 local epoch
+    # Validated and tested at rounds 0 1 2, drift at 0 1 2 (probe 256 > 144 val images: 144), the
+    # closing per-client accuracy pass over the training set.
+    evaluated = 3 * val + 3 * test + train + 3 * 2 * 144
+    assert run_h * 3600 == pytest.approx(13 + 7 + cache + 2 * 4 * 5 + trained / client_batch * 2 + evaluated * 0.01)
+    # Central: per lr one client, the pooled set in near-equal batches of 16 (81 of 15.96), one validation pass.
+    assert measure.calibration_batch(row) == 16
+    assert calibration_h * 3600 == pytest.approx(11 + 2 * (7 + cache) + 2 * 5 + 2 * train / 16 * 3 + 2 * val * 0.01)
+    # Federated: per lr 3 rounds of 4 clients at the FL batch, validated every round.
+    federated = pipeline["calibration"] | {"mode": "federated", "rounds": 3}
+    _, federated_h = measure.job_hours(row, federated, timing, launch)
+    assert federated_h * 3600 == pytest.approx(
+        11 + 2 * (7 + cache) + 2 * 3 * 4 * 5 + 2 * 3 * train / client_batch * 2 + 2 * 3 * val * 0.01)
+
+
+def test_image_shape_of_a_prepared_dataset_or_from_the_table(digits_root, tmp_path):
+    assert measure.IMAGE_SHAPES.keys() == estimate.KNOWN_SIZES.keys()
+    pipeline = tiny_pipeline_config(tmp_path)
+    assert measure.image_shape(estimate.grid_rows(pipeline)[0]) == (8, 8, 1)  # not prepared: the table
+    pipeline["run"]["paths"]["data"] = str(digits_root)
+    pipeline["data"]["val_fraction"] = 0.1  # as data.prepare's default made it
+    row = estimate.grid_rows(pipeline)[0]
+    assert row.where.endswith("meta.json") and measure.image_shape(row) == data.load("digits", digits_root).image_shape
+
+
+def test_jobs_at_once(tmp_path, monkeypatch):
+    pipeline = tiny_pipeline_config(tmp_path)
+    pipeline["resources"]["fl"]["threads"] = 4
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert measure.jobs_at_once(pipeline, "cpu", None)[0] == 4  # 16 cores / 4 threads
+    assert measure.jobs_at_once(pipeline, "cpu", 3)[0] == 3
+    monkeypatch.setenv("FEDSQ_SLOTS_PER_GPU", "3")
+    assert measure.jobs_at_once(pipeline, "cuda", None)[0] == 3
+    monkeypatch.setenv("FEDSQ_SLOTS_PER_GPU", "6")
+    assert measure.jobs_at_once(pipeline, "cuda", None)[0] == 4  # 6 slots, but the cores hold 4 jobs
+    assert measure.jobs_at_once(pipeline, "cuda", 2)[0] == 2
+
+
+def test_cli_measure_divides_the_wall_time_by_the_jobs_per_device(tmp_path, monkeypatch, capsys):
+    """The CLI's arithmetic with stand-in timings (the measuring itself is timed above)."""
+    tiny_pipeline_config(tmp_path)
+    timing = measure.Timing(client_step=0.5, calibration_step=0.5, client=0.1, eval_image=0.01, cache_image=0.0, setup=2.0)
+    monkeypatch.setattr(measure, "time_launch", lambda device, threads, work: measure.Launch(10.0, 20.0))
+    monkeypatch.setattr(measure, "time_row", lambda row, work: (timing, []))
+
+    def printed(*args):
+        assert cli.main(["estimate", "--measure", "--configfile", str(tmp_path / "tiny.yaml"), *args]) == 0
+        out = capsys.readouterr().out
+        job_h, wall_h = re.search(r"Total: (\S+) job-hours; wall (\S+) h", out).groups()
+        return out, float(job_h), float(wall_h)
+
+    out, job_h, wall_h = printed("--jobs-per-device", "3")
+    assert wall_h == pytest.approx(job_h / 3, rel=1e-2) and "jobs at once: 3 (--jobs-per-device)" in out
+    assert "FLOP floor at 30% of peak" in out and "not the estimate" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
+    assert [line.split("|")[2].strip() for line in rows[1:]] == ["timm/test_resnet"] * 3 + [""]
+    assert printed("--jobs-per-device", "1")[2] == pytest.approx(job_h, rel=1e-2)
+    with pytest.raises(SystemExit):
+        cli.main(["estimate", "--measure", "--configfile", str(tmp_path / "tiny.yaml"), "--jobs-per-device", "0"])
+    assert "--jobs-per-device" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: cuda is what the config may ask for")
+def test_cli_measure_on_a_device_that_is_not_here_is_one_line(tmp_path, capsys):
+    tiny_pipeline_config(tmp_path)
+    raw = yaml.safe_load((tmp_path / "tiny.yaml").read_text())
+    raw["run"]["device"] = "cuda"
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(raw))
+    assert cli.main(["estimate", "--measure", "--configfile", str(tmp_path / "tiny.yaml")]) == 2
+    assert "cuda" in capsys.readouterr().err
