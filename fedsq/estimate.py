@@ -235,13 +235,27 @@ def run_cost(cfg: dict, sizes: dict, flops: ImageFlops, new_best_share: float = 
     return Cost(trained, model_images + drift_images, train_flops, eval_flops + drift_images * 2 * flops.plain)
 
 
+def calibration_split(config: dict, split: str) -> str:
+    """The split a run of ``split`` has its lr tuned on: "central" (the pooled training set), its own
+    (calibration.split: each) or the one calibration.split names; one calibration per such split."""
+    calibration = config["calibration"]
+    if calibration["mode"] == "central":
+        return "central"
+    return split if calibration["split"] == "each" else calibration["split"]
+
+
+def calibration_rounds(calibration: dict, cfg: dict) -> int:
+    """Federated calibration's rounds per candidate lr: calibration.rounds, or (null) the run's."""
+    return calibration["rounds"] or cfg["rounds"]
+
+
 def calibration_cost(cfg: dict, calibration: dict, sizes: dict, flops: ImageFlops) -> Cost:
     """One calibration (every candidate lr, each its own Simulation) of the pipeline's calibration block."""
     val_images = min(cfg["eval"]["val_size"] or sizes["val"], sizes["val"])
     if calibration["mode"] == "central":
         trained, val_passes = calibration["epochs"] * sizes["train"], 1
     else:
-        rounds = calibration["rounds"]
+        rounds = calibration_rounds(calibration, cfg)
         trained, val_passes = rounds * cfg["local_epochs"] * _sampled_share(cfg) * sizes["train"], rounds
     lrs = len(calibration["lrs"])
     train_flops, eval_flops = _model_flops(cfg, sizes, flops, trained, val_passes * val_images)
@@ -269,8 +283,10 @@ def grid_rows(config: dict) -> list[Row]:
         raise ValueError(f"config key run: {err}") from None
     points = grid(config)
     runs = pd.Series([(p.dataset, p.backbone, p.method) for p in points]).value_counts()
-    # One calibration per (dataset, backbone, method) and BatchNorm form a calibrated run set uses.
-    bn_forms = {(p.dataset, p.backbone, p.method, config["bn_control"]["bn"] if p.run_set == "bn_control" else base["bn"])
+    # One calibration per (dataset, backbone, method), BatchNorm form and split tuned on that a
+    # calibrated run set uses.
+    bn_forms = {(p.dataset, p.backbone, p.method, config["bn_control"]["bn"] if p.run_set == "bn_control" else base["bn"],
+                 calibration_split(config, p.split))
                 for p in points if p.run_set in CALIBRATED}
     calibrations = pd.Series([form[:3] for form in bn_forms]).value_counts()
     result = []

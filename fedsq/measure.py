@@ -271,7 +271,8 @@ def job_hours(row: estimate.Row, calibration: dict, timing: Timing, launch: Laun
     if calibration["mode"] == "central":  # one client: the pooled training set, in full batches
         cal_clients, step = lrs, cal.trained / calibration_batch(row) * timing.calibration_step
     else:
-        cal_clients = lrs * calibration["rounds"] * (cfg["clients_per_round"] or cfg["split"]["num_clients"])
+        rounds = estimate.calibration_rounds(calibration, cfg)
+        cal_clients = lrs * rounds * (cfg["clients_per_round"] or cfg["split"]["num_clients"])
         step = cal.trained / batch * timing.client_step
     calibration_job = (launch.calibration + lrs * (timing.setup + cache) + cal_clients * timing.client + step
                        + cal.evaluated * timing.eval_image)

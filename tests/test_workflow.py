@@ -19,6 +19,8 @@ import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+from fedsq import estimate
+
 REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO / "config" / "config.yaml"
 OFFLINE = REPO / "config" / "offline.yaml"
@@ -95,6 +97,9 @@ def test_dry_run_plans_one_fl_job_per_grid_point(configfile, tmp_path):
         for bn, splits in splits_of_form.items()
         for d, b, m, s in itertools.product(cfg["datasets"], cfg["backbones"], cfg["methods"], splits)
     }
+    # fedsq estimate costs the calibrations the workflow runs.
+    rows = estimate.grid_rows(estimate.load_pipeline_config(configfile))
+    assert sum(row.calibrations for row in rows) == len(outputs_of("calibrate"))
     experiment = cfg.get("tracking", {}).get("experiment", "fedsq")
     assert outputs_of("tracking_init") == {f"results/tracking/{experiment}.ready"}
     assert "results/tables/results.csv" in outputs_of("report")

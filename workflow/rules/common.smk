@@ -13,6 +13,7 @@ from snakemake.utils import validate
 
 from fedsq import config as run_config
 from fedsq import data, dualcopy, models
+from fedsq import estimate
 from fedsq.estimate import grid
 from fedsq.partition import parse_split_label
 
@@ -98,12 +99,7 @@ RECORDS = config["records"]
 
 
 def calibration_split(run_split):
-    """The split a run's lr is tuned on: "central" (the pooled training set), the run's own
-    (calibration.split: each) or the one calibration.split names."""
-    calibration = config["calibration"]
-    if calibration["mode"] == "central":
-        return "central"
-    return run_split if calibration["split"] == "each" else calibration["split"]
+    return estimate.calibration_split(config, run_split)
 
 
 def run_bn(run_set):
