@@ -62,11 +62,13 @@ def _check_finite(loss_sum: torch.Tensor, round: int, client: int) -> float:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``cuda`` is the job's own GPU: ``fedsq run`` narrowed CUDA_VISIBLE_DEVICES to its slot's (``gpu_slots``)."""
+    """``cuda`` is the job's own GPU: ``fedsq run`` narrowed CUDA_VISIBLE_DEVICES to its slot's (``gpu_slots``).
+    A run that asks for it and cannot have it stops here, rather than train on the CPU for days."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: 'cuda' requested but no CUDA device is available (use auto or cpu)")
+        raise ValueError(f"device: 'cuda' requested but torch cannot use a GPU here: "
+                         f"{environment.cuda_build_and_driver()} (device: cpu trains on the CPU)")
     return torch.device(name)
 
 
@@ -423,6 +425,7 @@ def run(cfg: dict, out_dir: Path, simulation: Callable[[dict, Path], Simulation]
         ckpt_path.unlink(missing_ok=True)  # left by a run stopped before it retired it (see below)
         return summary  # finished: nothing to do
     uri = tracking_uri.check(cfg["tracking"]["uri"])  # before anything is built or changed: fails in seconds
+    device = resolve_device(cfg["device"])  # likewise
     out_dir.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
@@ -444,7 +447,7 @@ def run(cfg: dict, out_dir: Path, simulation: Callable[[dict, Path], Simulation]
         mirror = outputs.submit(
             _start_tracking, uri, cfg, tags, saved.mlflow_run_id if saved else None,
             config.flatten(cfg) | {"lr": lr, "lr_source": lr_source},
-            environment.describe(resolve_device(cfg["device"])))
+            environment.describe(device))
         try:
             sim = simulation(cfg, out_dir)
             summary = _simulate(cfg, lr, fingerprint, sim, saved, outputs, mirror, out_dir, started) | {
