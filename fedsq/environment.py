@@ -1,4 +1,5 @@
-"""What a run executes on, for its MLflow tags: software versions and the device's name.
+"""What a run executes on, for its MLflow tags: software versions and the device's name; and
+what the NVIDIA driver shows, for the one line a run that cannot have its GPU stops with.
 
 Collected on the training thread, which knows its device, before the run's writer thread logs
 them. Package versions come from ``importlib.metadata``, which reads the installed distributions

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from fedsq import cli, data, engine
+from fedsq import cli, data, engine, environment
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_LINE = "535.104.05, NVIDIA H200"  # a driver too old for CUDA 13 wheels
@@ -54,6 +54,15 @@ def test_without_a_driver_the_error_says_none_was_found(tmp_path, monkeypatch, n
     monkeypatch.setattr(torch.version, "cuda", None)
     with pytest.raises(ValueError, match=r"is a CPU-only build; no GPU reported by nvidia-smi or NVML \(device: cpu"):
         engine.resolve_device("cuda")
+
+
+def test_an_nvidia_smi_that_finds_no_gpu_reports_none(tmp_path, monkeypatch, no_cuda):
+    path = fake_node(tmp_path, nvidia_smi=False)
+    script = tmp_path / "bin" / "nvidia-smi"
+    script.write_text("#!/bin/sh\necho 'No devices were found'\nexit 6\n")  # what a driver without GPUs says
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", path)
+    assert environment.nvidia_gpus() == (None, [])
 
 
 @pytest.mark.parametrize("command", ["run", "calibrate"])
