@@ -51,7 +51,10 @@ REPO = Path(__file__).resolve().parents[1]
 METHODS = ("fedavg", "fedprox", "fedsq", "scaffold", "fedavgm", "fedadam")
 BACKBONES = ("alexnet", "resnet18", "efficientnet_lite0")
 IMAGE_SIZE = 64  # the paper's; AlexNet needs >= 63
-FLIP_LIMIT_BF16 = 0.005  # bf16 rounding flips gates whose pre-activation is near 0: a few in 1000
+# bf16 rounding flips gates whose pre-activation is near 0: a few in 1000 is the claim held here.
+# On CPU bf16 autocast (oneDNN, not cuDNN) pretrained EfficientNet-Lite0 on these digits flipped
+# 0.58 % at 32 px and 0.93 % at 64 px: over the limit. If the GPU agrees, S's regimes must be fp32.
+FLIP_LIMIT_BF16 = 0.005
 FLIP_LIMIT_CACHE = 1e-4  # cache vs live: only kernels that differ by batch size can flip a gate
 STEPS = 20
 RESUME_TIMEOUT_S = 900  # the killed run's first trained checkpoint, on digits: seconds on any GPU
@@ -105,30 +108,44 @@ def relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def fixed_gate_reference(structural: nn.Module, quantitative: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Q's output with each ReLU, ReLU6 and max-pool module call gated by S, written apart from
-    fedsq.dualcopy: S's inputs to those modules are recorded in call order (forward pre-hooks),
-    then a copy of Q runs with each such module's forward replaced: ReLU keeps z_Q where z_S > 0,
-    else 0; ReLU6 also gives 6 where z_S >= 6; max-pool takes z_Q at S's argmax."""
-    recorded = []
-    hooks = [m.register_forward_pre_hook(lambda _, args: recorded.append(args[0].clone()))
-             for m in structural.modules() if isinstance(m, GATE_MODULES)]
+def gate_calls(model: nn.Module, x: torch.Tensor) -> list[tuple[nn.Module, torch.Tensor]]:
+    """Each ReLU, ReLU6 and max-pool module call of ``model`` on ``x``, in call order, with its
+    input (forward pre-hooks: before an in-place ReLU overwrites it)."""
+    calls = []
+    hooks = [m.register_forward_pre_hook(lambda module, args: calls.append((module, args[0].clone())))
+             for m in model.modules() if isinstance(m, GATE_MODULES)]
     try:
-        structural(x)
+        with torch.no_grad():
+            model(x)
     finally:
         for hook in hooks:
             hook.remove()
-    calls = iter(recorded)
+    return calls
+
+
+def regime(module: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """The regime of each unit of one gate call on ``z``: max-pool, the argmax of each window;
+    ReLU, 0 off or 1 linear; ReLU6 also 2, clamped at 6."""
+    if isinstance(module, nn.MaxPool2d):
+        return F.max_pool2d(z, module.kernel_size, module.stride, module.padding, module.dilation,
+                            ceil_mode=module.ceil_mode, return_indices=True)[1]
+    code = (z > 0).to(torch.int8)
+    return code + (z >= 6).to(torch.int8) if isinstance(module, nn.ReLU6) else code
+
+
+def fixed_gate_reference(structural: nn.Module, quantitative: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Q's output with each ReLU, ReLU6 and max-pool module call gated by S, written apart from
+    fedsq.dualcopy (module forwards replaced, not a TorchFunctionMode): S's regimes recorded in
+    call order, then a copy of Q run with each such call giving z_Q where S is linear, 0 or 6 where
+    S is clamped, and z_Q at S's argmax for max-pool."""
+    regimes = iter([regime(module, z) for module, z in gate_calls(structural, x)])
 
     def gated(module: nn.Module):
         def forward(zq: torch.Tensor) -> torch.Tensor:
-            zs = next(calls)
+            r = next(regimes)
             if isinstance(module, nn.MaxPool2d):
-                _, argmax = F.max_pool2d(zs, module.kernel_size, module.stride, module.padding, module.dilation,
-                                         ceil_mode=module.ceil_mode, return_indices=True)
-                return zq.flatten(2).gather(2, argmax.flatten(2)).view_as(argmax)
-            out = torch.where(zs > 0, zq, torch.zeros_like(zq))
-            return torch.where(zs >= 6, torch.full_like(zq, 6.0), out) if isinstance(module, nn.ReLU6) else out
+                return zq.flatten(2).gather(2, r.flatten(2)).view_as(r)
+            return torch.where(r == 1, zq, (6.0 * (r == 2)).to(zq.dtype))
         return forward
 
     q = copy.deepcopy(quantitative)
@@ -136,13 +153,27 @@ def fixed_gate_reference(structural: nn.Module, quantitative: nn.Module, x: torc
         if isinstance(module, GATE_MODULES):
             module.forward = gated(module)
     out = q(x)
-    if next(calls, None) is not None:
+    if next(regimes, None) is not None:
         raise RuntimeError("Q made fewer gate calls than S")
     return out
 
 
+def bf16_partition_share(model: nn.Module, x: torch.Tensor) -> float:
+    """Share of ``model``'s gate units on ``x`` whose regime differs between bf16 autocast and exact
+    fp32: how far S's partition moves when computed in bf16 (measured apart from fedsq.dualcopy)."""
+    with exact_fp32():
+        fp32 = gate_calls(model, x)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        bf16 = gate_calls(model, x)
+    flips = units = 0
+    for (module, a), (_, b) in zip(fp32, bf16, strict=True):
+        flips, units = flips + int((regime(module, a) != regime(module, b.float())).sum()), units + a.numel()
+    return flips / units
+
+
 def flip_share(a: list, b: list) -> float:
-    """Share of gate units (activations and max-pool outputs) whose regimes differ."""
+    """Share of gate units (activations and max-pool outputs) whose regimes differ between two of
+    fedsq.dualcopy's regime lists (live or cached)."""
     from fedsq.dualcopy import ClampRegime
 
     flips = units = 0
@@ -165,7 +196,7 @@ def killed_after_a_trained_round(returncode: int | None, round: int | None) -> b
 def gates(checks: Checks, root: Path, weights_files: dict[str, Path | None]) -> None:
     """Checks 1 to 3 on each backbone."""
     from fedsq import data, models
-    from fedsq.dualcopy import DualCopy, RegimeCache, record_regimes
+    from fedsq.dualcopy import DualCopy, RegimeCache
 
     dataset = data.load("digits", root / "data")
     images = torch.from_numpy(np.array(dataset.val.x[:256])).cuda()
@@ -180,26 +211,23 @@ def gates(checks: Checks, root: Path, weights_files: dict[str, Path | None]) -> 
             with exact_fp32():
                 expected = fixed_gate_reference(structural, dual.quantitative, x)
                 error, ungated = relative_gap(dual(x), expected), relative_gap(dual.quantitative(x), expected)
-                fp32 = record_regimes(dual.structural, x, gate_maxpool=True)
             # A gate whose z_S is near 0 may flip between S's layouts (DualCopy keeps S channels-last).
             checks.record(error < 1e-3 and ungated > 1e-2,
                           f"{backbone}: DualCopy = independent fixed-gate reference, fp32, Q moved from S "
                           f"(largest logit difference {error:.1e} of the largest logit; ungated Q: {ungated:.1e})")
 
-            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-                # S's own partition under autocast, as a step computing it there would see it.
-                bf16 = record_regimes(dual.structural, x, gate_maxpool=True)
-                cache = RegimeCache(dual, (x[i:i + 100] for i in range(0, len(x), 100)), len(x))
-                index = torch.randperm(len(x), device=x.device)[:32]
-                live = dual.structural_regimes(x[index])
-            share = flip_share(fp32, bf16)
             if weights_file is None:
                 print(f"SKIP {backbone}: bf16 vs fp32 partition needs its pretrained weights (absent; "
                       f"`fedsq weights fetch {backbone} --out <weights dir>/{backbone}_imagenet.pt`)", flush=True)
             else:
+                share = bf16_partition_share(structural, x)
                 checks.record(share < FLIP_LIMIT_BF16,
                               f"{backbone}, pretrained: gates on which the bf16 and fp32 partitions differ: "
                               f"{share:.3%} (limit {FLIP_LIMIT_BF16:.1%})")
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                cache = RegimeCache(dual, (x[i:i + 100] for i in range(0, len(x), 100)), len(x))
+                index = torch.randperm(len(x), device=x.device)[:32]
+                live = dual.structural_regimes(x[index])
             share = flip_share(live, cache[index])
             checks.record(share < FLIP_LIMIT_CACHE,
                           f"{backbone}: cached regimes vs live, bf16, other batch sizes: {share:.2e} flipped "
