@@ -8,9 +8,11 @@ breaks the command that needs it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 from pathlib import Path
+from typing import Iterator
 
 
 def _data_prepare(args: argparse.Namespace) -> None:
@@ -54,11 +56,22 @@ def _load_run_config(args: argparse.Namespace) -> dict:
     return config.load(args.config, overrides=args.set)
 
 
-def _run(args: argparse.Namespace) -> None:
+@contextlib.contextmanager
+def _on_device(cfg: dict) -> Iterator[None]:
+    """The job's GPU slot held for the block (taken before anything starts CUDA); a job that asked
+    for CUDA and cannot have it stops here, in one line, before it builds anything."""
     from fedsq import engine, gpu_slots
 
+    with gpu_slots.for_job(cfg["device"]):
+        engine.resolve_device(cfg["device"])
+        yield
+
+
+def _run(args: argparse.Namespace) -> None:
+    from fedsq import engine
+
     cfg = _load_run_config(args)
-    with gpu_slots.for_job(cfg["device"]):  # before anything starts CUDA
+    with _on_device(cfg):
         summary = engine.run(cfg, Path(args.out), record=args.record, reuse=args.reuse)
     print(f"best_val_acc={summary['best_val_acc']:.4f} at round {summary['best_round']}; summary in {args.out}")
 
@@ -71,10 +84,10 @@ def _flower_simulate(args: argparse.Namespace) -> None:
 
 
 def _calibrate(args: argparse.Namespace) -> None:
-    from fedsq import calibrate, gpu_slots
+    from fedsq import calibrate
 
     cfg = _load_run_config(args)
-    with gpu_slots.for_job(cfg["device"]):  # before anything starts CUDA
+    with _on_device(cfg):
         result = calibrate.calibrate(
             cfg, Path(args.out), lrs=args.lrs, mode=args.mode, epochs=args.epochs, rounds=args.rounds,
             record=args.record,

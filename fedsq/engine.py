@@ -62,11 +62,13 @@ def _check_finite(loss_sum: torch.Tensor, round: int, client: int) -> float:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``cuda`` is the job's own GPU: ``fedsq run`` narrowed CUDA_VISIBLE_DEVICES to its slot's (``gpu_slots``)."""
+    """``cuda`` is the job's own GPU: ``fedsq run`` narrowed CUDA_VISIBLE_DEVICES to its slot's (``gpu_slots``).
+    A run that asks for it and cannot have it stops here, rather than train on the CPU for days."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: 'cuda' requested but no CUDA device is available (use auto or cpu)")
+        raise ValueError(f"device: 'cuda' requested but torch cannot use a GPU here: "
+                         f"{environment.cuda_build_and_driver()} (device: cpu trains on the CPU)")
     return torch.device(name)
 
 
@@ -449,6 +451,7 @@ def run(cfg: dict, out_dir: Path, simulation: Callable[[dict, Path], Simulation]
 def _train_or_reuse(cfg: dict, out_dir: Path, simulation: Callable[[dict, Path], Simulation],
                     candidates: list[Path]) -> dict:
     uri = tracking_uri.check(cfg["tracking"]["uri"])  # before anything is built or changed: fails in seconds
+    device = resolve_device(cfg["device"])  # likewise
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     lr, lr_source = config.resolve_lr(cfg)
@@ -459,7 +462,7 @@ def _train_or_reuse(cfg: dict, out_dir: Path, simulation: Callable[[dict, Path],
            "tags": {k: tags[k] for k in ("dataset", "backbone", "split", "method", "seed", "lr_mode", "bn")},
            "config": cfg}
     tracking_args = (uri, cfg, tags, config.flatten(cfg) | {"lr": lr, "lr_source": lr_source},
-                     environment.describe(resolve_device(cfg["device"])))
+                     environment.describe(device))
     found = records.find(candidates, record_key)
     if found is not None:
         return _reuse(found, out_dir, own, tracking_args)

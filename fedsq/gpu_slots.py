@@ -19,6 +19,9 @@ Environment: FEDSQ_SLOTS_PER_GPU (default 1) and FEDSQ_GPU_LOCK_DIR (default
 working directories share the GPUs too). Both describe the machine, not the experiment, hence
 no config key: as a run-config key, a change would alter every run's fingerprint and MLflow
 params; passed by the workflow (a param or the shell command), Snakemake would rerun every job.
+Inside a SLURM allocation the locks are in its sub-folder ``slurm-job-<SLURM_JOB_ID>``: SLURM
+numbers each allocation's GPUs from 0, so two allocations on one node must not share locks,
+while the jobs of one allocation must.
 """
 
 from __future__ import annotations
@@ -51,8 +54,11 @@ def slots_per_gpu() -> int:
 
 
 def lock_dir() -> Path:
-    """$FEDSQ_GPU_LOCK_DIR, else a folder of this user's under the system temp dir."""
-    return Path(os.environ.get(LOCK_DIR_ENV) or Path(tempfile.gettempdir()) / f"fedsq-gpu-slots-{os.getuid()}")
+    """$FEDSQ_GPU_LOCK_DIR, else a folder of this user's under the system temp dir; inside a SLURM
+    allocation, its sub-folder of that allocation."""
+    folder = Path(os.environ.get(LOCK_DIR_ENV) or Path(tempfile.gettempdir()) / f"fedsq-gpu-slots-{os.getuid()}")
+    job = os.environ.get("SLURM_JOB_ID")
+    return folder / f"slurm-job-{job}" if job else folder
 
 
 def visible_devices() -> list[str]:
@@ -125,12 +131,13 @@ def for_job(device: str) -> Iterator[str | None]:
     """The slot a job whose run config says ``device`` (auto | cpu | cuda) needs, held for the
     block, with CUDA_VISIBLE_DEVICES narrowed to its GPU; yields that GPU (None: no slot taken).
 
-    No slot on the CPU or without GPUs, and none under SLURM, which gives each job its own GPU
-    (and numbers a job's GPUs from 0, so jobs on one node would collide on the node's locks).
+    No slot on the CPU or without GPUs. Under SLURM, a slot only where the allocation shows
+    several GPUs (``salloc``, then a local profile): a job or step shown one GPU was given that GPU
+    by SLURM alone, and steps of one allocation each number theirs 0, so their locks would collide.
     Must run before anything in the process starts CUDA.
     """
-    devices = [] if device == "cpu" or "SLURM_JOB_ID" in os.environ else visible_devices()
-    if not devices:
+    devices = [] if device == "cpu" else visible_devices()
+    if not devices or ("SLURM_JOB_ID" in os.environ and len(devices) == 1):
         yield None
         return
     with hold(devices, slots_per_gpu(), lock_dir()) as slot:

@@ -118,14 +118,35 @@ def test_a_job_sees_only_its_slots_gpu_while_the_next_job_gets_the_other(machine
         assert (machine / "5.slot0.lock").read_text() == f"{os.getpid()}\n"
 
 
-@pytest.mark.parametrize("device, env", [("cpu", {}), ("auto", {"SLURM_JOB_ID": "42"}), ("auto", {"CUDA_VISIBLE_DEVICES": ""})])
-def test_no_slot_on_the_cpu_under_slurm_or_without_gpus(machine, monkeypatch, device, env):
+@pytest.mark.parametrize("device, env", [
+    ("cpu", {}),
+    ("auto", {"CUDA_VISIBLE_DEVICES": ""}),
+    ("cuda", {"SLURM_JOB_ID": "42", "CUDA_VISIBLE_DEVICES": "0"}),  # SLURM gave the job this one GPU
+])
+def test_no_slot_on_the_cpu_without_gpus_or_on_a_slurm_jobs_one_gpu(machine, monkeypatch, device, env):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     visible = os.environ["CUDA_VISIBLE_DEVICES"]
     with gpu_slots.for_job(device) as taken:
         assert taken is None and os.environ["CUDA_VISIBLE_DEVICES"] == visible
     assert not machine.exists()
+
+
+def test_jobs_of_one_slurm_allocation_share_its_locks_and_another_allocation_has_its_own(machine, monkeypatch):
+    # salloc with 2 GPUs, then `snakemake --profile profiles/local` there: jobs spread over the GPUs.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    with gpu_slots.for_job("cuda") as device:
+        assert device == "0" and os.environ["CUDA_VISIBLE_DEVICES"] == "0"
+        assert (machine / "slurm-job-42" / "0.slot0.lock").read_text() == f"{os.getpid()}\n"
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # the allocation's next job
+        with gpu_slots.for_job("cuda") as second:
+            assert second == "1"
+        # Another allocation on the node also numbers its GPUs 0 and 1: its GPU 0 is free.
+        monkeypatch.setenv("SLURM_JOB_ID", "43")
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+        with gpu_slots.for_job("cuda") as other:
+            assert other == "0" and gpu_slots.lock_dir() == machine / "slurm-job-43"
 
 
 def test_cuda_started_before_the_slot_is_an_error(machine, monkeypatch):
