@@ -150,9 +150,8 @@ class Simulation:
         {} for the other methods, or where they are computed live."""
         if not isinstance(self.strategy, strategies.FedSQ):
             return {}
-        with torch.autocast(**self.autocast):  # in the precision of the training pass
-            return self.strategy.regime_caches(self.model, {name: x for name, (x, _) in self.splits.items()},
-                                               self.inputs, self.cfg["eval"]["batch_size"])
+        return self.strategy.regime_caches(self.model, {name: x for name, (x, _) in self.splits.items()},
+                                           self.inputs, self.cfg["eval"]["batch_size"])
 
     def forward(self, split: str, index: torch.Tensor | slice, x: torch.Tensor) -> torch.Tensor:
         """The model on ``x``, the samples ``index`` of ``split``: with their cached regimes if there are."""
