@@ -128,7 +128,8 @@ class Simulation:
         backbone = cfg["backbone"]
         models.check_image_size(backbone, cfg["image_size"])
         record = models.backbone(backbone)
-        self.mean, self.std = record.mean, record.std
+        # Made once on the device: built per batch they were a blocking copy in every step.
+        self.mean, self.std = (data.channel_constants(v, self.device) for v in (record.mean, record.std))
         weights_path = weights.resolve(backbone, cfg["weights"], Path(cfg["paths"]["weights"]))
         base = models.build(backbone, self.num_classes, weights_path)
         # The pretrained (initial) network whose gates drift is measured against.
@@ -191,11 +192,13 @@ class Simulation:
         torch.manual_seed(int(np.random.SeedSequence((cfg["seed"], round, client)).generate_state(1)[0]))
         num_batches = math.ceil(len(indices) / cfg["batch_size"])
         loss_sum, steps = torch.zeros((), device=self.device), 0
+        # No step reads a value back to the host but every DIVERGENCE_CHECK_EVERY-th: a GPU runs ahead.
         for epoch in range(epochs):
             self.bn.epoch_begin(last=epoch == epochs - 1)
-            # Near-equal batches: never a batch of one, which BatchNorm cannot train on.
-            for batch in np.array_split(order_rng.permutation(indices), num_batches):
-                index = torch.from_numpy(batch).to(self.device, non_blocking=True)
+            order = torch.from_numpy(order_rng.permutation(indices)).to(self.device)  # one copy per epoch
+            # Near-equal batches (as np.array_split): never a batch of one, which BatchNorm cannot train on.
+            for index in torch.tensor_split(order, num_batches):
+                self.bn.step_begin()
                 x, y = self.inputs(x_all[index]), y_all[index]
                 with torch.autocast(**self.autocast):
                     loss = F.cross_entropy(self.forward("train", index, x), y)
@@ -203,7 +206,7 @@ class Simulation:
                 loss.backward()
                 self.strategy.client_grad(self.params)
                 opt.step()
-                loss_sum += loss.detach().float() * len(batch)
+                loss_sum += loss.detach().float() * len(index)
                 steps += 1
                 if steps % DIVERGENCE_CHECK_EVERY == 0:
                     _check_finite(loss_sum, round, client)

@@ -59,6 +59,7 @@ def _train_one_epoch(model, policy, batches):
     policy.epoch_begin(last=True)
     with torch.no_grad():
         for x in batches:
+            policy.step_begin()
             model(x)
 
 
@@ -66,8 +67,17 @@ def test_pooled_policy_makes_running_stats_the_exact_epoch_average_and_restores_
     model = tiny()
     policy = BatchNormPolicy("pooled", model)
     batches = [torch.randn(16, 4) * 3 + 2 for _ in range(5)]
+    torchs_own = copy.deepcopy(model).train()  # BatchNorm's cumulative average (momentum=None)
+    torchs_own[1].reset_running_stats()
+    torchs_own[1].momentum = None
     _train_one_epoch(model, policy, batches)
     bn = model[1]
+    with torch.no_grad():
+        for x in batches:
+            torchs_own(x)
+    # the host-side step count is the same arithmetic, bit for bit
+    assert torch.equal(bn.running_mean, torchs_own[1].running_mean)
+    assert torch.equal(bn.running_var, torchs_own[1].running_var)
     with torch.no_grad():
         pre = [model[0](x) for x in batches]
     assert torch.allclose(bn.running_mean, torch.stack([p.mean(0) for p in pre]).mean(0), atol=1e-5)
