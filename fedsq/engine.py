@@ -147,25 +147,34 @@ class Simulation:
         self.probe = self.inputs(self.splits["val"][0][: cfg["eval"]["probe_size"]])
 
     def cache_regimes(self) -> dict:
-        """FedSQ's structural regimes of each split's samples, computed once (``dualcopy.RegimeCache``);
-        {} for the other methods, or where they are computed live."""
+        """FedSQ's structural regimes of the samples each split is trained or evaluated on
+        (``used``), computed once (``dualcopy.RegimeCache``); {} for the other
+        methods, or where they are computed live."""
         if not isinstance(self.strategy, strategies.FedSQ):
             return {}
-        return self.strategy.regime_caches(self.model, {name: x for name, (x, _) in self.splits.items()},
+        return self.strategy.regime_caches(self.model, {name: self.used(name)[0] for name in self.splits},
                                            self.inputs, self.cfg["eval"]["batch_size"])
 
+    def used(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (images, labels) of ``split`` that are trained or evaluated, in the order its regime
+        cache is indexed: validation's eval.val_size subset (CINIC-10: 10k of 90k), other splits whole."""
+        x, y = self.splits[split]
+        if split == "val" and self.val_subset is not None:
+            return x[self.val_subset], y[self.val_subset]
+        return x, y
+
     def forward(self, split: str, index: torch.Tensor | slice, x: torch.Tensor) -> torch.Tensor:
-        """The model on ``x``, the samples ``index`` of ``split``: with their cached regimes if there are."""
+        """The model on ``x``, the samples ``index`` of ``split``'s ``used`` ones: with their cached
+        regimes if there are."""
         cache = self.regime_caches.get(split)
         return self.model(x) if cache is None else self.model(x, cache[index])
 
     def _to_device(self, split: data.Split) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole split moved once (uint8 images: 4x smaller than floats); batches are
-        gathered by index and converted on the device."""
+        gathered by index and converted on the device. Not through pinned memory: that would
+        hold page-locked RAM for the whole job to speed up this one copy."""
         x, y = torch.from_numpy(np.array(split.x)), torch.from_numpy(np.array(split.y))  # read into memory once
-        if self.device.type == "cuda":
-            x, y = x.pin_memory(), y.pin_memory()
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
 
     def inputs(self, x_uint8: torch.Tensor) -> torch.Tensor:
         x = data.to_model_input(x_uint8, self.cfg["image_size"], self.mean, self.std)
@@ -233,9 +242,10 @@ class Simulation:
 
     @torch.inference_mode()
     def predict(self, split: str, indices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample (correct, cross-entropy) of the model as it is, over a split (``indices``: those samples)."""
+        """Per-sample (correct, cross-entropy) of the model as it is, over the samples of a split
+        that are evaluated (``used``), or those ``indices`` of them."""
         self.model.eval()
-        x_all, y_all = self.splits[split]
+        x_all, y_all = self.used(split)
         if indices is not None:
             x_all, y_all = x_all[indices], y_all[indices]
         size = self.cfg["eval"]["batch_size"]
@@ -266,7 +276,7 @@ class Simulation:
 
     def evaluate(self, split: str) -> tuple[float, float]:
         """(accuracy, mean cross-entropy) on a split; "val" on its eval.val_size subset."""
-        correct, losses = self.predict(split, self.val_subset if split == "val" else None)
+        correct, losses = self.predict(split)
         return correct.sum().item() / len(correct), losses.double().mean().item()
 
     def write_partition(self, folder: Path) -> None:
