@@ -452,7 +452,8 @@ def run(cfg: dict, out_dir: Path, simulation: Callable[[dict, Path], Simulation]
     # Everything the run records (metrics.csv, checkpoints, MLflow) is written in order by one
     # background thread, overlapping the training; MLflow's start (seconds of imports and store
     # set-up) there overlaps the set-up of data and model.
-    with SerialWorker("fedsq-outputs") as outputs:
+    # At most one round's record waits behind the one being written (back-pressure on a slow disk).
+    with SerialWorker("fedsq-outputs", max_waiting=1) as outputs:
         mirror = outputs.submit(
             _start_tracking, uri, cfg, tags, saved.mlflow_run_id if saved else None,
             config.flatten(cfg) | {"lr": lr, "lr_source": lr_source},
