@@ -250,7 +250,9 @@ def full_precision(device_type: str):
     flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        with torch.autocast(device_type, enabled=False):
+        # (a device without autocast, such as meta for counting FLOPs, computes as it is given)
+        with torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) \
+                else contextlib.nullcontext():
             yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
