@@ -17,6 +17,7 @@ import copy
 import functools
 import json
 import math
+import os
 import random
 import shutil
 import tempfile
@@ -86,6 +87,16 @@ def sample_clients(cfg: dict, round: int) -> np.ndarray:
     return np.sort(np.random.default_rng((cfg["seed"], round)).choice(n, size=k, replace=False))
 
 
+def deterministic_kernels(cfg: dict) -> None:
+    """Run config ``deterministic: true``: CUDA kernels that give the same result every time (two
+    GPU runs of one seed, and a resumed run, then agree bit for bit; slower). cuBLAS reads its
+    workspace setting when it starts, so this comes before anything runs on the GPU."""
+    if cfg["deterministic"]:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -100,6 +111,7 @@ class Simulation:
 
     def __init__(self, cfg: dict, work_dir: Path):
         self.cfg = cfg
+        deterministic_kernels(cfg)
         self.device = resolve_device(cfg["device"])
         precision = cfg["precision"]
         if precision == "auto":
@@ -492,7 +504,6 @@ def _simulate(cfg: dict, lr: float, fingerprint: dict, sim: Simulation, saved: c
     else:
         global_state = {k: v.to(sim.device) for k, v in saved.global_state.items()}
         sim.strategy.load_state_dict(saved.strategy)
-        checkpoint.set_rng_state(saved.rng)
         rows, samples, elapsed_before, first = saved.metrics, saved.samples_trained, saved.wall_seconds, saved.round + 1
 
     def elapsed() -> float:
@@ -521,7 +532,7 @@ def _simulate(cfg: dict, lr: float, fingerprint: dict, sim: Simulation, saved: c
         rows.append({c: row.get(c) for c in METRICS_COLUMNS})
         state = checkpoint.RunState(**checkpoint.snapshot({
             "round": r, "global_state": global_state, "strategy": sim.strategy.state_dict(),
-            "rng": checkpoint.rng_state(), "metrics": list(rows), "samples_trained": samples,
+            "metrics": list(rows), "samples_trained": samples,
             "wall_seconds": row["wall_seconds"], "fingerprint": fingerprint,
         }))
         outputs.submit(_record_round, mirror, list(rows), state, out_dir, sim.client_stores)
