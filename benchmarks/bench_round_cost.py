@@ -88,7 +88,7 @@ def child(form: str, method: str, cfg_path: str, rounds: int) -> None:
             with clocks["checkpoint"]:
                 checkpoint.save(Path(work) / "checkpoint.pt", checkpoint.RunState(**checkpoint.snapshot({
                     "round": r, "global_state": state, "strategy": sim.strategy.state_dict(),
-                    "rng": checkpoint.rng_state(), "metrics": [], "samples_trained": 0, "wall_seconds": 0.0,
+                    "metrics": [], "samples_trained": 0, "wall_seconds": 0.0,
                     "fingerprint": {}})))
             per_round.append({part: (c.wall, c.cpu) for part, c in clocks.items()})
     print(json.dumps(per_round))

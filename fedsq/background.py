@@ -7,10 +7,16 @@ Done on one background thread, they overlap the training instead of adding to it
 Jobs run in submission order, so each may rely on every earlier one: the MLflow run exists
 before metrics are logged to it, and round r's checkpoint replaces round r-1's, never the
 reverse. A job's exception reaches the submitting thread through ``check`` or ``drain``.
+
+With ``max_waiting``, ``submit`` blocks while that many jobs wait to start: a writer slower than
+the training (a checkpoint of 228 MB a round on a slow shared filesystem) holds the training
+back instead of queueing copies of the model in memory without end.
 """
 
 from __future__ import annotations
 
+import functools
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
@@ -18,14 +24,27 @@ from typing import Callable
 class SerialWorker:
     """One worker thread (a context manager: leaving it waits for the thread to end)."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, max_waiting: int | None = None):
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._pending: list[Future] = []
+        self._waiting_slots = None if max_waiting is None else threading.Semaphore(max_waiting)
 
     def submit(self, job: Callable, *args, **kwargs) -> Future:
+        """Queue ``job(*args, **kwargs)``; with ``max_waiting``, first wait until fewer jobs than that wait to start."""
+        if self._waiting_slots is not None:
+            self._waiting_slots.acquire()
+            job = self._freeing_its_slot(job)
         future = self._pool.submit(job, *args, **kwargs)
         self._pending.append(future)
         return future
+
+    def _freeing_its_slot(self, job: Callable) -> Callable:
+        @functools.wraps(job)
+        def started(*args, **kwargs):
+            self._waiting_slots.release()
+            return job(*args, **kwargs)
+
+        return started
 
     def check(self) -> None:
         """Raise the first failure among the jobs finished so far, without waiting."""

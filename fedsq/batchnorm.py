@@ -17,7 +17,7 @@ class BatchNormPolicy:
     """One of ``POLICIES``:
 
     pooled: a client's statistics become the exact average over its last local epoch
-      (reset, then momentum=None, i.e. a cumulative mean), and the server pools them. With
+      (reset, then momentum 1/k at its k-th step, i.e. a cumulative mean), and the server pools them. With
       momentum 0.1 over a handful of local batches the plain running buffers stay near their
       initial values, and a model evaluated with them sits at chance although it learned.
     averaged: the momentum running buffers, averaged like any parameter (FedAvg as published).
@@ -36,6 +36,7 @@ class BatchNormPolicy:
         self.layers = batchnorm_layers(model)
         self._momentum = {n: m.momentum for n, m in self.layers.items()}
         self._keys = [k for k in model.state_dict() if k.rpartition(".")[0] in self.layers]
+        self._cumulative_steps: int | None = None  # steps of the cumulative mean so far; None: not averaging
 
     def pooled_var(self) -> dict[str, str]:
         if self.name != "pooled":
@@ -60,9 +61,21 @@ class BatchNormPolicy:
             for m in self.layers.values():
                 if m.track_running_stats:
                     m.reset_running_stats()
-                    m.momentum = None
+            self._cumulative_steps = 0
+
+    def step_begin(self) -> None:
+        """Before each training step's forward pass. The cumulative mean's momentum 1/k is counted
+        here: BatchNorm's own (momentum=None) reads k from its num_batches_tracked buffer, a host
+        sync per layer and step on a GPU. Same arithmetic as torch's (1.0 / float(k))."""
+        if self._cumulative_steps is None:
+            return
+        self._cumulative_steps += 1
+        for m in self.layers.values():
+            if m.track_running_stats:
+                m.momentum = 1.0 / self._cumulative_steps
 
     def client_end(self, model: nn.Module, client: int, round: int) -> None:
+        self._cumulative_steps = None
         for n, m in self.layers.items():
             m.momentum = self._momentum[n]
         if self.name == "local":

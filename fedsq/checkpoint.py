@@ -1,5 +1,9 @@
 """Atomic run checkpoints: everything needed to continue a run bit for bit.
 
+No random generator state: nothing a run draws depends on where the global generators stand
+between rounds. Client sampling and data order come from generators seeded by (seed, round,
+client), and each client reseeds torch (every device) before it trains (``engine.train_client``).
+
 A checkpoint is a ``RunState`` saved as one ``torch.save`` file of a plain dict, written to a
 temporary name, flushed to disk and renamed over the old one (``files.write_atomic``), so a kill
 at any moment leaves either the previous or the new checkpoint, never half of one. It is loaded
@@ -12,12 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import random
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from fedsq.files import write_atomic
@@ -30,36 +32,12 @@ class RunState:
     round: int
     global_state: dict  # the global model's state_dict
     strategy: dict  # Strategy.state_dict()
-    rng: dict  # rng_state()
     metrics: list[dict]  # metrics.csv's rows so far
     samples_trained: int
     wall_seconds: float
     fingerprint: dict  # what the run's trajectory depends on (engine._fingerprint)
     mlflow_run_id: str | None = None
     correct_at_best: dict | None = None  # {"val": "0110...", "test": ...}: per-image correctness at the best round
-
-
-def rng_state() -> dict:
-    """The state of every global random generator a run draws from."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
-                  "has_gauss": has_gauss, "cached_gaussian": cached},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def snapshot(value, copy: bool = True):

@@ -406,17 +406,23 @@ def load(dataset: str, root: Path) -> Dataset:
     return Dataset(dataset, tuple(meta["classes"]), **splits)
 
 
-def to_model_input(
-    x: torch.Tensor, image_size: int, mean: tuple[float, float, float], std: tuple[float, float, float]
-) -> torch.Tensor:
+def channel_constants(values: tuple[float, float, float], device: torch.device | str) -> torch.Tensor:
+    """Per-channel ``values`` (a backbone's mean or std) as a float 1 x 3 x 1 x 1 tensor on ``device``."""
+    return torch.tensor(values, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+
+
+def to_model_input(x: torch.Tensor, image_size: int, mean: tuple[float, float, float] | torch.Tensor,
+                   std: tuple[float, float, float] | torch.Tensor) -> torch.Tensor:
     """uint8 N x H x W x C batch -> float N x 3 x S x S normalised by the backbone's ``mean`` and ``std``
-    (the backbone's record in ``models``), computed on x's device."""
+    (the backbone's record in ``models``), computed on x's device. Called per batch, pass them as
+    ``channel_constants`` on that device: made from tuples here they are a blocking host-to-device
+    copy at every call."""
     if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[-1] not in (1, 3):
         raise ValueError(f"expected a uint8 N x H x W x C batch with C in (1, 3), got {x.dtype} {tuple(x.shape)}")
     x = x.permute(0, 3, 1, 2).float().div_(255)
     if x.shape[-2:] != (image_size, image_size):
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
     x = x.expand(-1, 3, -1, -1)  # greyscale -> RGB (no copy; the normalisation below makes one)
-    mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x - mean_t) / std_t
+    if not isinstance(mean, torch.Tensor):
+        mean, std = channel_constants(mean, x.device), channel_constants(std, x.device)
+    return (x - mean) / std

@@ -16,7 +16,7 @@ import copy
 
 from torch import Tensor, nn
 
-from fedsq.dualcopy import ClampRegime, DualCopy, record_regimes
+from fedsq.dualcopy import ClampRegime, DualCopy, full_precision, record_regimes
 
 
 @contextlib.contextmanager
@@ -42,14 +42,14 @@ def _with_batchnorm_statistics_of(model: nn.Module, reference: nn.Module) -> nn.
 
 
 def _gate_codes(model: nn.Module, x: Tensor) -> list[Tensor]:
-    with _in_eval_mode(model):
+    with _in_eval_mode(model), full_precision(x.device.type):
         return [r.codes() for r in record_regimes(model, x) if isinstance(r, ClampRegime)]
 
 
 def gate_agreement(model: nn.Module, reference: nn.Module, probe_x: Tensor, *, reference_bn: bool = False) -> float:
     """Fraction of gate units (over all call sites) whose regime on ``probe_x`` matches ``reference``'s.
 
-    Both are evaluated in eval mode. A DualCopy is judged by its quantitative copy run as a
+    Both are evaluated in eval mode, in fp32 (``dualcopy.full_precision``). A DualCopy is judged by its quantitative copy run as a
     plain network, with its own gates (its forward pass uses the structural copy's).
     ``reference_bn=True`` evaluates ``model`` with the reference's BatchNorm statistics,
     separating drift of the weights from drift of the statistics.

@@ -27,6 +27,7 @@ BatchNorm is handled.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -145,10 +146,13 @@ class ClampRegime:
         return cls(low, high, linear, clamped), out
 
     def apply(self, z: Tensor, inplace: bool) -> Tensor:
+        # S's masks are fp32 (``full_precision``); Q may compute in bf16 under autocast.
+        linear = self.linear.to(z.dtype)
+        clamped = None if self.clamped is None else self.clamped.to(z.dtype)
         if inplace:
-            z.mul_(self.linear)
-            return z if self.clamped is None else z.add_(self.clamped)
-        return z * self.linear if self.clamped is None else torch.addcmul(self.clamped, z, self.linear)
+            z.mul_(linear)
+            return z if clamped is None else z.add_(clamped)
+        return z * linear if clamped is None else torch.addcmul(clamped, z, linear)
 
     def codes(self) -> Tensor:
         """int8 per unit: 0 at the low clamp, 1 linear, 2 at the high clamp."""
@@ -238,6 +242,22 @@ class ApplyRegimes(TorchFunctionMode):
             )
 
 
+@contextlib.contextmanager
+def full_precision(device_type: str):
+    """fp32 arithmetic whatever autocast the caller runs under, and no TF32 (cuDNN convolutions
+    in fp32 on Ampere and later use TF32 unless told not to): S's partition is then that of its
+    fp32 weights, the same on every GPU, batch size and CPU, not a rounding of it."""
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        # (a device without autocast, such as meta for counting FLOPs, computes as it is given)
+        with torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) \
+                else contextlib.nullcontext():
+            yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
 def record_regimes(model: nn.Module, x: Tensor, gate_maxpool: bool = False) -> list[ClampRegime | PoolRegime]:
     """Regimes of every gate call of ``model`` on ``x`` (no autograd; the model's mode is kept)."""
     with torch.no_grad(), RecordRegimes(gate_maxpool) as recorder:
@@ -269,9 +289,11 @@ class DualCopy(nn.Module):
         return super()._apply(fn, recurse)
 
     def structural_regimes(self, x: Tensor) -> list[ClampRegime | PoolRegime]:
-        """S's regimes on ``x``, in gate call order (S runs on a channels-last copy of images)."""
+        """S's regimes on ``x``, in gate call order (S runs on a channels-last copy of images), in
+        ``full_precision``: training's autocast, if any, does not reach them."""
         images = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-        return record_regimes(self.structural, images, self.gate_maxpool)
+        with full_precision(x.device.type):
+            return record_regimes(self.structural, images, self.gate_maxpool)
 
     def forward(self, x: Tensor, regimes: list | None = None) -> Tensor:
         """Q on ``x`` gated by S's regimes: computed here, or given (``RegimeCache``'s, for x's samples)."""

@@ -17,6 +17,7 @@ import copy
 import functools
 import json
 import math
+import os
 import random
 import shutil
 import tempfile
@@ -97,6 +98,16 @@ def sample_clients(cfg: dict, round: int) -> np.ndarray:
     return np.sort(np.random.default_rng((cfg["seed"], round)).choice(n, size=k, replace=False))
 
 
+def deterministic_kernels(cfg: dict) -> None:
+    """Run config ``deterministic: true``: CUDA kernels that give the same result every time (two
+    GPU runs of one seed, and a resumed run, then agree bit for bit; slower). cuBLAS reads its
+    workspace setting when it starts, so this comes before anything runs on the GPU."""
+    if cfg["deterministic"]:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -111,6 +122,7 @@ class Simulation:
 
     def __init__(self, cfg: dict, work_dir: Path):
         self.cfg = cfg
+        deterministic_kernels(cfg)
         self.device = resolve_device(cfg["device"])
         precision = cfg["precision"]
         if precision == "auto":
@@ -138,7 +150,8 @@ class Simulation:
         backbone = cfg["backbone"]
         models.check_image_size(backbone, cfg["image_size"])
         record = models.backbone(backbone)
-        self.mean, self.std = record.mean, record.std
+        # Made once on the device: built per batch they were a blocking copy in every step.
+        self.mean, self.std = (data.channel_constants(v, self.device) for v in (record.mean, record.std))
         weights_path = weights.resolve(backbone, cfg["weights"], Path(cfg["paths"]["weights"]))
         base = models.build(backbone, self.num_classes, weights_path)
         self.memory_format = memory_format(base, self.device)
@@ -157,26 +170,34 @@ class Simulation:
         self.probe = self.inputs(self.splits["val"][0][: cfg["eval"]["probe_size"]])
 
     def cache_regimes(self) -> dict:
-        """FedSQ's structural regimes of each split's samples, computed once (``dualcopy.RegimeCache``);
-        {} for the other methods, or where they are computed live."""
+        """FedSQ's structural regimes of the samples each split is trained or evaluated on
+        (``used``), computed once (``dualcopy.RegimeCache``); {} for the other
+        methods, or where they are computed live."""
         if not isinstance(self.strategy, strategies.FedSQ):
             return {}
-        with torch.autocast(**self.autocast):  # in the precision of the training pass
-            return self.strategy.regime_caches(self.model, {name: x for name, (x, _) in self.splits.items()},
-                                               self.inputs, self.cfg["eval"]["batch_size"])
+        return self.strategy.regime_caches(self.model, {name: self.used(name)[0] for name in self.splits},
+                                           self.inputs, self.cfg["eval"]["batch_size"])
+
+    def used(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (images, labels) of ``split`` that are trained or evaluated, in the order its regime
+        cache is indexed: validation's eval.val_size subset (CINIC-10: 10k of 90k), other splits whole."""
+        x, y = self.splits[split]
+        if split == "val" and self.val_subset is not None:
+            return x[self.val_subset], y[self.val_subset]
+        return x, y
 
     def forward(self, split: str, index: torch.Tensor | slice, x: torch.Tensor) -> torch.Tensor:
-        """The model on ``x``, the samples ``index`` of ``split``: with their cached regimes if there are."""
+        """The model on ``x``, the samples ``index`` of ``split``'s ``used`` ones: with their cached
+        regimes if there are."""
         cache = self.regime_caches.get(split)
         return self.model(x) if cache is None else self.model(x, cache[index])
 
     def _to_device(self, split: data.Split) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole split moved once (uint8 images: 4x smaller than floats); batches are
-        gathered by index and converted on the device."""
+        gathered by index and converted on the device. Not through pinned memory: that would
+        hold page-locked RAM for the whole job to speed up this one copy."""
         x, y = torch.from_numpy(np.array(split.x)), torch.from_numpy(np.array(split.y))  # read into memory once
-        if self.device.type == "cuda":
-            x, y = x.pin_memory(), y.pin_memory()
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
 
     def inputs(self, x_uint8: torch.Tensor) -> torch.Tensor:
         x = data.to_model_input(x_uint8, self.cfg["image_size"], self.mean, self.std)
@@ -203,11 +224,13 @@ class Simulation:
         torch.manual_seed(int(np.random.SeedSequence((cfg["seed"], round, client)).generate_state(1)[0]))
         num_batches = math.ceil(len(indices) / cfg["batch_size"])
         loss_sum, steps = torch.zeros((), device=self.device), 0
+        # No step reads a value back to the host but every DIVERGENCE_CHECK_EVERY-th: a GPU runs ahead.
         for epoch in range(epochs):
             self.bn.epoch_begin(last=epoch == epochs - 1)
-            # Near-equal batches: never a batch of one, which BatchNorm cannot train on.
-            for batch in np.array_split(order_rng.permutation(indices), num_batches):
-                index = torch.from_numpy(batch).to(self.device, non_blocking=True)
+            order = torch.from_numpy(order_rng.permutation(indices)).to(self.device)  # one copy per epoch
+            # Near-equal batches (as np.array_split): never a batch of one, which BatchNorm cannot train on.
+            for index in torch.tensor_split(order, num_batches):
+                self.bn.step_begin()
                 x, y = self.inputs(x_all[index]), y_all[index]
                 with torch.autocast(**self.autocast):
                     loss = F.cross_entropy(self.forward("train", index, x), y)
@@ -215,7 +238,7 @@ class Simulation:
                 loss.backward()
                 self.strategy.client_grad(self.params)
                 opt.step()
-                loss_sum += loss.detach().float() * len(batch)
+                loss_sum += loss.detach().float() * len(index)
                 steps += 1
                 if steps % DIVERGENCE_CHECK_EVERY == 0:
                     _check_finite(loss_sum, round, client)
@@ -242,9 +265,10 @@ class Simulation:
 
     @torch.inference_mode()
     def predict(self, split: str, indices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample (correct, cross-entropy) of the model as it is, over a split (``indices``: those samples)."""
+        """Per-sample (correct, cross-entropy) of the model as it is, over the samples of a split
+        that are evaluated (``used``), or those ``indices`` of them."""
         self.model.eval()
-        x_all, y_all = self.splits[split]
+        x_all, y_all = self.used(split)
         if indices is not None:
             x_all, y_all = x_all[indices], y_all[indices]
         size = self.cfg["eval"]["batch_size"]
@@ -280,7 +304,7 @@ class Simulation:
     def evaluate_images(self, split: str) -> tuple[float, float, str]:
         """``evaluate``'s figures and which images were right, as a string of 0s and 1s in the
         split's order: what a bootstrap over images resamples (``summary.json``'s ``correct_at_best``)."""
-        correct, losses = self.predict(split, self.val_subset if split == "val" else None)
+        correct, losses = self.predict(split)
         bits = "".join(map(str, correct.to(torch.uint8).tolist()))
         return bits.count("1") / len(bits), losses.double().mean().item(), bits
 
@@ -502,7 +526,8 @@ def _train(cfg: dict, out_dir: Path, simulation: Callable[[dict, Path], Simulati
     # Everything the run records (metrics.csv, checkpoints, MLflow) is written in order by one
     # background thread, overlapping the training; MLflow's start (seconds of imports and store
     # set-up) there overlaps the set-up of data and model.
-    with SerialWorker("fedsq-outputs") as outputs:
+    # At most one round's record waits behind the one being written (back-pressure on a slow disk).
+    with SerialWorker("fedsq-outputs", max_waiting=1) as outputs:
         mirror = outputs.submit(
             _start_tracking, uri, cfg, tags, saved.mlflow_run_id if saved else None, params, environment_tags)
         try:
@@ -536,7 +561,6 @@ def _simulate(cfg: dict, lr: float, fingerprint: dict, sim: Simulation, saved: c
     else:
         global_state = {k: v.to(sim.device) for k, v in saved.global_state.items()}
         sim.strategy.load_state_dict(saved.strategy)
-        checkpoint.set_rng_state(saved.rng)
         rows, samples, elapsed_before, first = saved.metrics, saved.samples_trained, saved.wall_seconds, saved.round + 1
         correct_at_best = saved.correct_at_best
 
@@ -568,7 +592,7 @@ def _simulate(cfg: dict, lr: float, fingerprint: dict, sim: Simulation, saved: c
         rows.append({c: row.get(c) for c in METRICS_COLUMNS})
         state = checkpoint.RunState(**checkpoint.snapshot({
             "round": r, "global_state": global_state, "strategy": sim.strategy.state_dict(),
-            "rng": checkpoint.rng_state(), "metrics": list(rows), "samples_trained": samples,
+            "metrics": list(rows), "samples_trained": samples,
             "wall_seconds": row["wall_seconds"], "fingerprint": fingerprint, "correct_at_best": correct_at_best,
         }))
         outputs.submit(_record_round, mirror, list(rows), state, out_dir, sim.client_stores)

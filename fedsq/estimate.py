@@ -214,9 +214,11 @@ def _model_flops(cfg: dict, sizes: dict, flops: ImageFlops, trained: float, eval
     """(training, evaluation) FLOPs of one Simulation: ``trained`` samples, ``evaluated`` images."""
     structural = flops.forward - flops.plain  # FedSQ's structural forward; 0 for the plain network
     if structural and _caches_regimes(cfg):
-        # Every sample of every split once through the structural copy; then each pass is Q alone.
+        # Every sample trained or evaluated (validation: its eval.val_size subset) once through the
+        # structural copy; then each pass is Q alone.
+        val_images = min(cfg["eval"]["val_size"] or sizes["val"], sizes["val"])
         return (trained * (flops.plain + flops.backward) + sizes["train"] * structural,
-                evaluated * flops.plain + (sizes["val"] + sizes["test"]) * structural)
+                evaluated * flops.plain + (val_images + sizes["test"]) * structural)
     return trained * (flops.forward + flops.backward), evaluated * flops.forward
 
 

@@ -65,3 +65,37 @@ def test_a_snapshot_is_not_reached_by_later_in_place_updates():
     assert saved["momentum"].tolist() == [0, 0, 0] and saved["nested"][0].tolist() == [1, 1]
     assert saved["round"] == 1
 
+
+
+def test_submit_waits_while_max_waiting_jobs_wait_to_start():
+    submitted = started = 0
+    most_waiting = 0
+    lock = threading.Lock()
+
+    def slow_writer():  # a checkpoint on a slow disk: far slower than the submitting loop
+        nonlocal started
+        with lock:
+            started += 1
+        time.sleep(0.02)
+
+    with SerialWorker("test", max_waiting=1) as worker:
+        for _ in range(6):
+            worker.submit(slow_writer)
+            with lock:
+                submitted += 1
+                most_waiting = max(most_waiting, submitted - started - 1)  # one may be running
+        worker.drain()
+    assert started == 6
+    assert most_waiting <= 1
+
+
+def test_a_failed_job_frees_its_waiting_slot():
+    def fail():
+        raise OSError("disk full")
+
+    with SerialWorker("test", max_waiting=1) as worker:
+        worker.submit(fail)
+        worker.submit(fail)
+        later = worker.submit(lambda: "ran")  # does not block for ever
+        assert later.result(timeout=10) == "ran"
+        assert len(worker.wait()) == 2

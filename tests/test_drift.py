@@ -77,3 +77,17 @@ def test_trained_models_drift_whether_gated_by_the_pretrained_copy_or_not():
 def test_different_architectures_are_an_error():
     with pytest.raises(ValueError, match="not the same architecture"):
         gate_agreement(TwoGates(), nn.Sequential(nn.Linear(3, 4), nn.ReLU()), torch.randn(2, 3))
+
+
+def test_agreement_is_computed_in_fp32_under_a_bf16_autocast():
+    torch.manual_seed(0)
+    reference = models.build("resnet18", 5, None).eval()
+    model = copy.deepcopy(reference)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    x = torch.randn(8, 3, 32, 32)
+    fp32 = gate_agreement(model, reference, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert gate_agreement(model, reference, x) == fp32
+        assert gate_agreement(copy.deepcopy(reference), reference, x) == 1.0

@@ -210,3 +210,32 @@ def test_a_gate_the_structural_copy_did_not_call_is_an_error():
     dual = DualCopy(TrainOnlyGate()).train()
     with pytest.raises(RuntimeError, match="more gates than the 3"):
         dual(torch.randn(2, 4))
+
+
+def _codes(regimes):
+    return [r.codes() if isinstance(r, ClampRegime) else r.indices for r in regimes]
+
+
+def test_structural_regimes_are_fp32_under_a_bf16_autocast_and_tf32_is_off_while_s_runs():
+    model = _backbone("resnet18").eval()
+    dual = DualCopy(copy.deepcopy(model), gate_maxpool=True)
+    x = torch.randn(8, 3, 32, 32)
+    reference = _codes(record_regimes(model, x, gate_maxpool=True))  # fp32, no autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        in_bf16 = _codes(record_regimes(model, x, gate_maxpool=True))
+        tf32_while_s_runs = []
+        dual.structural.conv1.register_forward_pre_hook(
+            lambda *_: tf32_while_s_runs.append((torch.backends.cudnn.allow_tf32,
+                                                 torch.backends.cuda.matmul.allow_tf32)))
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            structural = dual.structural_regimes(x)
+            assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # restored after
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = False
+        logits = dual(x)
+    # the autocast would have moved gates: the test can tell the two apart
+    assert any(not torch.equal(a, b) for a, b in zip(in_bf16, reference))
+    assert all(torch.equal(a, b) for a, b in zip(_codes(structural), reference, strict=True))
+    assert tf32_while_s_runs == [(False, False)] * 2
+    assert logits.dtype == torch.bfloat16  # Q keeps the training precision

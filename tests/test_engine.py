@@ -2,6 +2,7 @@
 divergence, BatchNorm policy, and that every method learns."""
 
 import json
+import os
 import socket
 import threading
 import time
@@ -9,6 +10,7 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from fedsq import cli, config, engine
@@ -177,3 +179,18 @@ def test_each_method_learns_on_digits(digits_root, mlflow_uri, tmp_path, method)
     # move every weight away from where the clients measured their BatchNorm statistics (Reddi
     # et al. swap BatchNorm for GroupNorm), so its best round, not its last, says it learned.
     assert summary["best_val_acc"] > (2 if method == "fedadam" else 4) * CHANCE, summary["best_val_acc"]
+
+
+def test_deterministic_asks_for_deterministic_kernels_and_a_cublas_workspace_and_is_off_by_default(
+        digits_root, mlflow_uri, monkeypatch):
+    assert make_cfg(digits_root, mlflow_uri)["deterministic"] is False
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")  # absent, and restored so after the test
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    try:
+        engine.deterministic_kernels(make_cfg(digits_root, mlflow_uri, "deterministic=true"))
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and not torch.backends.cudnn.benchmark
+    finally:
+        torch.use_deterministic_algorithms(True, warn_only=True)  # what every CPU Simulation sets

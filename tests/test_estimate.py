@@ -60,9 +60,9 @@ def test_run_cost_by_hand(regime_cache):
     drift_images = 2 * 8 * 3  # rounds 0 5 10; the model's and the reference's gates, twice
     trained = 10 * 2 * 0.5 * 1000
     assert cost.trained == trained and cost.evaluated == model_images + drift_images
-    if regime_cache:  # the structural copy once over every split's samples, then Q alone
+    if regime_cache:  # the structural copy once over the samples used (validation: its 100), then Q alone
         assert cost.train_flops == trained * (1 + 3) + 1000 * 1
-        assert cost.eval_flops == model_images * 1 + (500 + 200) * 1 + drift_images * 2
+        assert cost.eval_flops == model_images * 1 + (100 + 200) * 1 + drift_images * 2
     else:
         assert cost.train_flops == trained * (2 + 3)
         assert cost.eval_flops == model_images * 2 + drift_images * 2

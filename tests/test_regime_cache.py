@@ -134,9 +134,12 @@ def test_regime_cache_policy(digits_root):
 
 
 def test_a_client_trains_and_evaluates_alike_with_and_without_the_cache(digits_root, tmp_path):
-    sims = [engine.Simulation(_fedsq_cfg(digits_root, f"method.regime_cache={mode}"), tmp_path / mode)
-            for mode in ("on", "off")]
+    # validation on a subset: the cache holds that subset's regimes only, in its order
+    sims = [engine.Simulation(_fedsq_cfg(digits_root, f"method.regime_cache={mode}", "eval.val_size=50"),
+                              tmp_path / mode) for mode in ("on", "off")]
     assert set(sims[0].regime_caches) == {"train", "val", "test"} and sims[1].regime_caches == {}
+    caches, train_samples = sims[0].regime_caches, len(sims[0].splits["train"][1])
+    assert caches["val"].nbytes * train_samples == caches["train"].nbytes * 50
     results = []
     for sim in sims:  # in the engine's order: round 0 is evaluated (under inference mode) before training
         before = sim.predict("val")

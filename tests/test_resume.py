@@ -3,12 +3,14 @@ a checkpoint never outlives what produced it (a finished run, other inputs, othe
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -59,6 +61,20 @@ def interrupt_at_round(round: int, monkeypatch) -> None:
     monkeypatch.setattr(engine.Simulation, "train_round", interrupted)
 
 
+def scramble_global_generators_before_each_round(monkeypatch) -> None:
+    """Python's, numpy's and torch's global generators somewhere else at every round's start:
+    where a resumed run finds them (the checkpoint keeps no generator state)."""
+    train_round = engine.Simulation.train_round
+
+    def scrambled(self, r, *args):
+        random.seed(1000 + r)
+        np.random.seed(1000 + r)
+        torch.manual_seed(1000 + r)
+        return train_round(self, r, *args)
+
+    monkeypatch.setattr(engine.Simulation, "train_round", scrambled)
+
+
 def test_interrupted_run_resumes_into_the_same_mlflow_run_with_identical_results(
     digits_root, mlflow_uri, tmp_path, monkeypatch
 ):
@@ -72,7 +88,9 @@ def test_interrupted_run_resumes_into_the_same_mlflow_run_with_identical_results
     assert saved.round == 1 and not (tmp_path / "resumed" / "summary.json").exists()
     assert MlflowClient(mlflow_uri).get_run(saved.mlflow_run_id).info.status == "KILLED"
 
-    summary = engine.run(cfg, tmp_path / "resumed")
+    with monkeypatch.context() as patch:
+        scramble_global_generators_before_each_round(patch)
+        summary = engine.run(cfg, tmp_path / "resumed")
     assert summary["mlflow_run_id"] == saved.mlflow_run_id
     assert_one_value_per_round(mlflow_uri, summary["mlflow_run_id"], rounds=2)
     assert_same_results(tmp_path / "straight", tmp_path / "resumed")
@@ -108,7 +126,7 @@ def test_a_finished_run_retires_its_checkpoint_so_a_forced_rerun_starts_from_rou
 
 
 def run_state(**fields) -> checkpoint.RunState:
-    empty = {"round": 0, "global_state": {}, "strategy": {}, "rng": {}, "metrics": [], "samples_trained": 0,
+    empty = {"round": 0, "global_state": {}, "strategy": {}, "metrics": [], "samples_trained": 0,
              "wall_seconds": 0.0, "fingerprint": {}}
     return checkpoint.RunState(**empty | fields)
 

@@ -59,6 +59,7 @@ def _train_one_epoch(model, policy, batches):
     policy.epoch_begin(last=True)
     with torch.no_grad():
         for x in batches:
+            policy.step_begin()
             model(x)
 
 
@@ -66,8 +67,17 @@ def test_pooled_policy_makes_running_stats_the_exact_epoch_average_and_restores_
     model = tiny()
     policy = BatchNormPolicy("pooled", model)
     batches = [torch.randn(16, 4) * 3 + 2 for _ in range(5)]
+    torchs_own = copy.deepcopy(model).train()  # BatchNorm's cumulative average (momentum=None)
+    torchs_own[1].reset_running_stats()
+    torchs_own[1].momentum = None
     _train_one_epoch(model, policy, batches)
     bn = model[1]
+    with torch.no_grad():
+        for x in batches:
+            torchs_own(x)
+    # the host-side step count is the same arithmetic, bit for bit
+    assert torch.equal(bn.running_mean, torchs_own[1].running_mean)
+    assert torch.equal(bn.running_var, torchs_own[1].running_var)
     with torch.no_grad():
         pre = [model[0](x) for x in batches]
     assert torch.allclose(bn.running_mean, torch.stack([p.mean(0) for p in pre]).mean(0), atol=1e-5)
@@ -125,7 +135,7 @@ def _client_step(strategy, model, global_state, x, y, lr=0.1, client=0, round=1)
     strategy.client_end(model, client, round, 1, lr, 0.0, global_state)
 
 
-def test_proximal_gradient_equals_autograd_of_the_proximal_term():
+def test_proximal_gradient_equals_the_per_parameter_loop_and_autograd_of_the_proximal_term():
     model = tiny()
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
@@ -134,14 +144,17 @@ def test_proximal_gradient_equals_autograd_of_the_proximal_term():
     strategy = strategies.build(options("fedprox", mu=0.3))
     strategy.client_begin(model, 0, 1, global_state)
     params = list(model.parameters())
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    strategy.client_grad(params)
-    manual = [p.grad.clone() for p in params]
+    grads = [torch.randn_like(p) for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    strategy.client_grad(params)  # foreach ops
+    loop = [g + 0.3 * (p.detach() - global_state[n]) for (n, p), g in zip(model.named_parameters(), grads)]
+    torch.testing.assert_close([p.grad for p in params], loop)
+    manual = [p.grad - g for p, g in zip(params, grads)]
     model.zero_grad()
     prox = sum(((p - global_state[n]) ** 2).sum() for n, p in model.named_parameters()) * 0.3 / 2
     prox.backward()
-    assert all(torch.allclose(m, p.grad) for m, p in zip(manual, params))
+    torch.testing.assert_close(manual, [p.grad for p in params])
 
 
 def test_scaffold_control_variates_follow_option_two_and_live_on_disk(tmp_path):
