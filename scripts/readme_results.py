@@ -249,7 +249,11 @@ def main(argv: list[str] | None = None) -> None:
     records, out = args.records.resolve(), args.out.resolve()
     section = results_section(records, out, claims_settings(args.configfile), args.configfile)
     for source, target in PLOTS.items():
-        shutil.copyfile(out / "plots" / source, args.readme.parent / "docs" / "img" / target)
+        image = args.readme.parent / "docs" / "img" / target
+        if run_dirs(records):
+            shutil.copyfile(out / "plots" / source, image)
+        else:  # no FL run recorded yet: no plot, and none left of an earlier grid
+            image.unlink(missing_ok=True)
     pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.DOTALL)
     args.readme.write_text(pattern.sub(lambda _: f"{BEGIN}\n{section}\n{END}", text))
     print(f"{args.readme}: evidence section written from {records}")

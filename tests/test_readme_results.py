@@ -120,3 +120,27 @@ def test_a_readme_without_markers_is_an_error(tmp_path):
     readme.write_text("# no markers\n")
     with pytest.raises(SystemExit, match="markers"):
         main([str(records), "--out", str(tmp_path / "report"), "--readme", str(readme)])
+
+
+def test_before_any_run_the_section_declares_the_analysis_and_shows_the_sweep_under_way(tmp_path):
+    records = tmp_path / "records"
+    partial = records / "calibration" / "digits" / "resnet18" / "dir0.1" / "bn-pooled" / "fedavg.partial.json"
+    partial.parent.mkdir(parents=True)
+    partial.write_text(json.dumps({"record_key": {"calibration": {"lrs": [0.01, 0.03, 0.1]}},
+                                   "scores": {"0.01": 0.78}, "curves": {"0.01": [0.1, 0.78]}}))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- evidence:begin -->\nold numbers\n<!-- evidence:end -->\n")
+    stale = tmp_path / "docs" / "img" / "evidence-val-acc.png"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"an earlier grid's plot")
+    config = tmp_path / "evidence.yaml"
+    config.write_text(yaml.safe_dump({"datasets": ["digits"], "backbones": {"resnet18": {"weights": "scratch"}},
+                                      "splits": ["dir0.1"], "methods": ["fedavg", "fedsq"], "seeds": [1, 2, 3]}))
+
+    main([str(records), "--out", str(tmp_path / "report"), "--configfile", str(config), "--readme", str(readme)])
+
+    flat = re.sub(r" +", " ", readme.read_text())
+    assert "old numbers" not in flat and "the records hold 0 of its 12 FL runs" in flat
+    assert analysis.declared_analysis(0.015, 0.01, 0.05) in flat  # declared before any number
+    assert "| dir0.1 | pooled | fedavg | 78.0 | under way (1 of 3 lrs) |" in flat
+    assert "No FL run is recorded yet" in flat and not stale.exists()
