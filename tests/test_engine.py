@@ -131,14 +131,19 @@ def test_an_unusable_store_stops_the_run_in_one_line_before_anything_is_built(
 
 def test_test_split_is_evaluated_at_every_new_best_whatever_test_every(digits_root, mlflow_uri, tmp_path, monkeypatch):
     val_accs = iter([0.1, 0.5, 0.4, 0.3])  # rounds 0-3: the best is round 1
+    val_rounds, test_rounds = iter(range(4)), iter([0, 1, 3])
 
-    def evaluate(self, split):
-        return (next(val_accs), 1.0) if split == "val" else (0.9, 1.0)
+    def evaluate_images(self, split):  # (accuracy, loss, which images were right: here, the round)
+        if split == "val":
+            return next(val_accs), 1.0, f"val of round {next(val_rounds)}"
+        return 0.9, 1.0, f"test of round {next(test_rounds)}"
 
-    monkeypatch.setattr(engine.Simulation, "evaluate", evaluate)
+    monkeypatch.setattr(engine.Simulation, "evaluate_images", evaluate_images)
     summary = engine.run(make_cfg(digits_root, mlflow_uri, "rounds=3", "eval.test_every=100"), tmp_path)
     assert read_metrics(tmp_path)["test_acc"].notna().tolist() == [True, True, False, True]  # 0, best, last
     assert summary["best_round"] == 1 and summary["test_acc_at_best"] == 0.9
+    # The images right at the best round, for a bootstrap over images: that round's evaluations.
+    assert summary["correct_at_best"] == {"val": "val of round 1", "test": "test of round 1"}
 
 
 def test_client_sampling_depends_only_on_seed_and_round():
