@@ -86,7 +86,7 @@ def run_with_outage(server, cfg, out, monkeypatch, stop_at: int, start_at: int |
         return global_state, 1.0 / r, 10
 
     monkeypatch.setattr(engine.Simulation, "train_round", train_round)
-    monkeypatch.setattr(engine.Simulation, "evaluate", lambda self, split: (0.5, 1.0))
+    monkeypatch.setattr(engine.Simulation, "evaluate_images", lambda self, split: (0.5, 1.0, "1"))
     monkeypatch.setattr(engine.Simulation, "client_accuracy", lambda self: np.full(10, 0.5))
     with pytest.warns(UserWarning) as warned:
         summary = engine.run(cfg, out)
