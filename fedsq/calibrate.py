@@ -56,14 +56,29 @@ def _score(cfg: dict, lr: float, mode: str, epochs: int, rounds: int) -> tuple[f
             return None, curve if mode == "federated" else [], form
 
 
+def _next_on_ladder(lr: float, up: bool) -> float:
+    """The neighbour of ``lr`` on the 1-3-10 ladder of learning rates (0.03 -> 0.1 -> 0.3 ...)."""
+    ladder = sorted(round(a * 10.0**k, 12) for k in range(-8, 3) for a in (1, 3))
+    return min(x for x in ladder if x > lr * 1.001) if up else max(x for x in ladder if x < lr * 0.999)
+
+
+def _per_lr_key(record_key: dict) -> dict:
+    """What one lr's score depends on: the calibration's key less which lrs it tries."""
+    return record_key | {"calibration": {k: v for k, v in record_key["calibration"].items() if k not in ("lrs", "extend")}}
+
+
 def calibrate(cfg: dict, out_json: Path, lrs=None, mode: str = "central", epochs: int = 2, rounds: int | None = 3,
-              record: Path | None = None) -> dict:
+              record: Path | None = None, extend: int = 0) -> dict:
     """Score each lr, write ``out_json`` and return {lr, mode, method, scores: {lr: val_acc}, ...}.
 
-    ``rounds`` None: the run config's rounds. ``record``: a JSON file the result is copied to; a
-    result there with this calibration's record key (``fedsq.records``) is taken instead of training.
-    Each lr's score is kept as it comes in ``<record or out_json>.partial.json``, so that a stopped
-    calibration (an evidence sweep is hours of CPU) continues at the next lr, on any machine.
+    ``rounds`` None: the run config's rounds. ``extend``: while the pick lies at an edge of the lrs
+    tried, try the next lr beyond it on the 1-3-10 ladder, up to this many times per edge, so that
+    a method is not held to the top (or bottom) of a grid that was too narrow for it.
+    ``record``: a JSON file the result is copied to; a result there with this calibration's record
+    key (``fedsq.records``) is taken instead of training. Each lr's score is kept as it comes in
+    ``<record or out_json>.partial.json``, and taken from there or from the record wherever only the
+    lrs tried differ, so that a stopped or widened calibration (an evidence sweep is hours of CPU)
+    trains only the lrs it lacks, on any machine.
     """
     if mode not in MODES:
         raise ValueError(f"calibration mode {mode!r}: allowed are {', '.join(MODES)}")
@@ -73,7 +88,8 @@ def calibrate(cfg: dict, out_json: Path, lrs=None, mode: str = "central", epochs
     cfg = copy.deepcopy(cfg)
     budget = {"epochs": epochs} if mode == "central" else {"rounds": rounds or cfg["rounds"]}
     cfg["optimizer"]["lr"] = lrs[0]  # a number: the key is of the candidates, below
-    record_key = records.key(_fingerprint(cfg, None)) | {"calibration": {"lrs": lrs, "mode": mode, **budget}}
+    record_key = records.key(_fingerprint(cfg, None)) | {
+        "calibration": {"lrs": lrs, "mode": mode, **budget} | ({"extend": extend} if extend else {})}
     out_json = Path(out_json)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     if record is not None and records.find([record], record_key):
@@ -81,20 +97,38 @@ def calibrate(cfg: dict, out_json: Path, lrs=None, mode: str = "central", epochs
         print(f"{out_json}: reused the calibration recorded in {record} (same record key)")
         return json.loads(out_json.read_text())
     partial = Path(record or out_json).with_suffix(".partial.json")
-    done = json.loads(partial.read_text()) if partial.is_file() else {}
-    if done.get("record_key") != record_key:
-        done = {"record_key": record_key, "scores": {}, "curves": {}}
+    done = {"record_key": record_key, "scores": {}, "curves": {}}
+    for earlier in (Path(record) if record else None, partial):  # scores of the same lrs, from a narrower grid too
+        saved = json.loads(earlier.read_text()) if earlier is not None and earlier.is_file() else {}
+        if saved.get("record_key") and _per_lr_key(saved["record_key"]) == _per_lr_key(record_key):
+            done["scores"] |= saved["scores"]
+            done["curves"] |= saved.get("curves", {})
+            done["model_form"] = saved.get("model_form")
     scores = {float(lr): score for lr, score in done["scores"].items()}
     curves = {float(lr): curve for lr, curve in done["curves"].items()}
     model_form = done.get("model_form")
-    todo = [lr for lr in lrs if lr not in scores]
-    for lr in tqdm(todo, desc=f"calibrating {cfg['method']['name']} ({mode})", unit="lr",
-                   initial=len(lrs) - len(todo), total=len(lrs)):
-        cfg["optimizer"]["lr"] = lr
-        scores[lr], curves[lr], model_form = _score(cfg, lr, mode, epochs, budget.get("rounds", 0))
-        done["scores"][str(lr)], done["curves"][str(lr)], done["model_form"] = scores[lr], curves[lr], model_form
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(partial, lambda tmp: tmp.write_text(json.dumps(done, indent=1)))
+    todo, widened = [lr for lr in lrs if lr not in scores], {True: 0, False: 0}
+    progress = tqdm(desc=f"calibrating {cfg['method']['name']} ({mode})", unit="lr", initial=len(lrs) - len(todo),
+                    total=len(lrs))
+    while True:
+        for lr in todo:
+            cfg["optimizer"]["lr"] = lr
+            scores[lr], curves[lr], model_form = _score(cfg, lr, mode, epochs, budget.get("rounds", 0))
+            done["scores"][str(lr)], done["curves"][str(lr)], done["model_form"] = scores[lr], curves[lr], model_form
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(partial, lambda tmp: tmp.write_text(json.dumps(done, indent=1)))
+            progress.update()
+        todo = []
+        finite = {lr: s for lr, s in sorted(scores.items()) if s is not None}
+        best = max(finite, key=finite.get) if finite else None  # ties go to the smaller lr (ascending order)
+        for up, edge in ((True, max(scores)), (False, min(scores))):
+            if best == edge and widened[up] < extend:
+                widened[up] += 1
+                todo.append(_next_on_ladder(edge, up))
+                progress.total += 1
+        if not todo:
+            break
+    progress.close()
     scores = dict(sorted(scores.items()))
     finite = {lr: s for lr, s in scores.items() if s is not None}
     if not finite:

@@ -90,7 +90,7 @@ def _calibrate(args: argparse.Namespace) -> None:
     with _on_device(cfg):
         result = calibrate.calibrate(
             cfg, Path(args.out), lrs=args.lrs, mode=args.mode, epochs=args.epochs, rounds=args.rounds,
-            record=args.record,
+            record=args.record, extend=args.extend,
         )
     print(f"calibrated lr={result['lr']} ({result['mode']}); written to {args.out}")
 
@@ -227,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=None, help="federated mode: rounds per candidate (default: the run's)")
     p.add_argument("--record", type=Path, default=None,
                    help="JSON file the result is copied to; a result there of the same calibration is reused")
+    p.add_argument("--extend", type=int, default=0,
+                   help="while the pick is at an edge of the lrs tried, try the next lr beyond it (1-3-10 ladder), "
+                        "up to this many times per edge")
     p.set_defaults(func=_calibrate)
 
     tracking = sub.add_parser("tracking", help="MLflow").add_subparsers(dest="action", required=True)

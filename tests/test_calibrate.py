@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 
 from fedsq import calibrate, config, data, engine
@@ -80,3 +81,29 @@ def test_a_stopped_sweep_continues_at_the_next_lr_and_a_recorded_one_is_reused(d
     assert scored == [0.01, "stopped", 0.1]  # reused whole
     other = calibrate.calibrate(cfg, tmp_path / "d.json", **sweep | {"rounds": 3})  # another budget: another key
     assert other["budget"] == {"rounds": 3} and scored[3:] == [0.01, 0.1]
+
+
+def test_a_pick_at_the_edge_widens_the_grid_and_a_narrower_grids_scores_are_kept(digits_root, tmp_path, monkeypatch):
+    scored = []
+
+    def peak_at(best):
+        def fake_score(cfg, lr, mode, epochs, rounds):
+            scored.append(lr)
+            return 1 - abs(np.log10(lr / best)), [0.1], "ResNet"
+        return fake_score
+
+    cfg, record = make_cfg(digits_root, tmp_path), tmp_path / "records" / "fedavg.json"
+    monkeypatch.setattr(calibrate, "_score", peak_at(0.1))
+    narrow = calibrate.calibrate(cfg, tmp_path / "a.json", lrs=[0.01, 0.03], mode="federated", rounds=2, record=record)
+    assert narrow["lr"] == 0.03 and scored == [0.01, 0.03]  # at the edge, and nothing beyond it tried
+
+    # The same sweep allowed to widen: 0.01 and 0.03 are kept, 0.1 and 0.3 tried, then 0.1 is inside.
+    wide = calibrate.calibrate(cfg, tmp_path / "b.json", lrs=[0.01, 0.03], mode="federated", rounds=2,
+                               record=record, extend=2)
+    assert scored == [0.01, 0.03, 0.1, 0.3] and wide["lr"] == 0.1
+    assert list(wide["scores"]) == ["0.01", "0.03", "0.1", "0.3"]
+
+    scored.clear()
+    monkeypatch.setattr(calibrate, "_score", peak_at(0.001))  # at the bottom edge: at most `extend` steps down
+    low = calibrate.calibrate(cfg, tmp_path / "c.json", lrs=[0.03, 0.1], mode="federated", rounds=1, extend=1)
+    assert scored == [0.03, 0.1, 0.01] and low["lr"] == 0.01

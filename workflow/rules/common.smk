@@ -210,6 +210,8 @@ def calibrate_args(wildcards, output):
     args = ["--lrs", *map(str, calibration["lrs"]), "--mode", calibration["mode"], "--epochs", str(calibration["epochs"])]
     if calibration["rounds"] is not None:
         args += ["--rounds", str(calibration["rounds"])]
+    if calibration["extend"]:
+        args += ["--extend", str(calibration["extend"])]
     if RECORDS is not None:
         args += ["--record", str(Path(RECORDS) / Path(output.calibration).relative_to("results"))]
     return shlex.join(args)
