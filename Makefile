@@ -32,10 +32,8 @@ demo: install
 EVIDENCE := evidence
 evidence: install
 	mkdir -p $(EVIDENCE)/records
-	started=$$(date -u +%s); \
-	$(BIN)/snakemake --snakefile $(CURDIR)/Snakefile --directory $(EVIDENCE) --configfile $(CURDIR)/config/evidence.yaml \
-		--cores $(CORES) --keep-going; status=$$?; times > $(EVIDENCE)/cpu_times; \
-	$(BIN)/python scripts/evidence_sitting.py $(EVIDENCE) $$started; exit $$status
+	$(BIN)/python scripts/evidence_sitting.py $(EVIDENCE) -- $(BIN)/snakemake --snakefile $(CURDIR)/Snakefile \
+		--directory $(EVIDENCE) --configfile $(CURDIR)/config/evidence.yaml --cores $(CORES) --keep-going
 	$(BIN)/python scripts/readme_results.py $(EVIDENCE)/records --out $(EVIDENCE)/report
 
 test: install

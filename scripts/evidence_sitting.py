@@ -1,11 +1,12 @@
-"""Append one sitting of `make evidence` to the grid's records: its wall and CPU time, and how
-many runs it computed or reused, so that the README can state what the whole grid cost over
-every sitting and machine it took.
+"""Run one sitting of the evidence grid and append it to the grid's records: its wall and CPU
+time, and how many runs it computed or reused, so that the README can state what the whole grid
+cost over every sitting and machine it took.
 
-    python scripts/evidence_sitting.py evidence STARTED_EPOCH   (make evidence runs it)
+    python scripts/evidence_sitting.py evidence -- snakemake ...   (make evidence runs it)
 
-CPU time is read from ``evidence/cpu_times``, the shell's ``times`` after Snakemake: its second
-line is the user and system time of everything Snakemake ran, which other work on a shared
+The command runs as a child; SIGTERM and SIGINT are passed on to it, so that a sitting stopped
+early (a session's end, Ctrl-C) is recorded as well. CPU time is the children's user and system
+time (``getrusage``), which includes every job Snakemake ran and which other work on a shared
 machine does not inflate.
 """
 
@@ -15,7 +16,10 @@ import argparse
 import json
 import os
 import platform
-import re
+import resource
+import signal
+import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,12 +29,7 @@ import pandas as pd
 COLUMNS = ["started_utc", "finished_utc", "wall_seconds", "cpu_seconds", "host", "cores", "runs_computed", "runs_reused"]
 
 
-def children_cpu_seconds(times_output: str) -> float:
-    """User + system seconds of the shell's children, from `times` (``0m1.5s 0m0.2s`` per line)."""
-    return sum(60 * int(m) + float(s) for m, s in re.findall(r"(\d+)m([\d.]+)s", times_output.splitlines()[1]))
-
-
-def sitting(grid: Path, started: int, finished: int) -> dict:
+def sitting(grid: Path, started: float, finished: float, cpu_seconds: float) -> dict:
     """This sitting's row: runs whose summary.json it wrote, split by whether they reused a record."""
     computed = reused = 0
     for summary in (grid / "results").glob("*/*/*/*/*/seed*/summary.json"):
@@ -39,27 +38,37 @@ def sitting(grid: Path, started: int, finished: int) -> dict:
                 reused += 1
             else:
                 computed += 1
-    cpu = grid / "cpu_times"
 
-    def utc(epoch: int) -> str:
+    def utc(epoch: float) -> str:
         return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
     return {
-        "started_utc": utc(started), "finished_utc": utc(finished), "wall_seconds": finished - started,
-        "cpu_seconds": round(children_cpu_seconds(cpu.read_text()), 1) if cpu.is_file() else None,
-        "host": platform.node(), "cores": os.cpu_count(), "runs_computed": computed, "runs_reused": reused,
+        "started_utc": utc(started), "finished_utc": utc(finished), "wall_seconds": round(finished - started),
+        "cpu_seconds": round(cpu_seconds, 1), "host": platform.node(), "cores": os.cpu_count(),
+        "runs_computed": computed, "runs_reused": reused,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("grid", type=Path, help="the grid's folder (evidence/)")
-    parser.add_argument("started", type=int, help="when the sitting started (seconds since the epoch)")
+    parser.add_argument("grid", type=Path, help="the grid's folder (evidence/); its records/sittings.csv gets the row")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the sitting's command (snakemake ...)")
     args = parser.parse_args()
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("no command to run after --")
+    started = time.time()
+    child = subprocess.Popen(command)
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, lambda signum, frame: child.send_signal(signum))
+    status = child.wait()
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = args.grid / "records" / "sittings.csv"
-    row = pd.DataFrame([sitting(args.grid, args.started, int(time.time()))], columns=COLUMNS)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    row = pd.DataFrame([sitting(args.grid, started, time.time(), usage.ru_utime + usage.ru_stime)], columns=COLUMNS)
     row.to_csv(out, mode="a", header=not out.exists(), index=False)
     print(f"{out}: {row.iloc[0].to_dict()}")
+    sys.exit(status)
 
 
 if __name__ == "__main__":
