@@ -4,8 +4,11 @@ cost over every sitting and machine it took.
 
     python scripts/evidence_sitting.py evidence -- snakemake ...   (make evidence runs it)
 
-The command runs as a child; SIGTERM and SIGINT are passed on to it, so that a sitting stopped
-early (a session's end, Ctrl-C) is recorded as well. CPU time is the children's user and system
+The command runs as a child in a process group of its own; SIGTERM and SIGINT are passed on to
+the whole group, so that a sitting stopped early (a session's end, Ctrl-C) stops at once and is
+recorded as well: Snakemake alone would wait for its running jobs (an lr of a sweep is many
+minutes), while each job, stopped, keeps what it finished (an FL run its checkpoint of the last
+round, a sweep each lr it scored). CPU time is the children's user and system
 time (``getrusage``), which includes every job Snakemake ran and which other work on a shared
 machine does not inflate.
 """
@@ -58,9 +61,9 @@ def main() -> None:
     if not command:
         parser.error("no command to run after --")
     started = time.time()
-    child = subprocess.Popen(command)
+    child = subprocess.Popen(command, start_new_session=True)
     for stop in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(stop, lambda signum, frame: child.send_signal(signum))
+        signal.signal(stop, lambda signum, frame: os.killpg(child.pid, signum))
     status = child.wait()
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = args.grid / "records" / "sittings.csv"
