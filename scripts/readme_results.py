@@ -48,9 +48,11 @@ def grid_time(records: Path) -> str:
         return "The grid's time was not recorded (no sittings.csv)."
     sittings = pd.read_csv(path)
     wall, cpu = sittings["wall_seconds"].sum(), sittings["cpu_seconds"].sum()
+    unrecorded = int(sittings["cpu_seconds"].isna().sum())
+    missing = f", less {unrecorded} sitting(s) whose CPU time was not recorded" if unrecorded else ""
     return (
         f"The whole grid took **{_duration(wall)}** of wall time and {_duration(cpu)} of CPU time"
-        f" ({_duration(cpu / 2)} on 2 idle cores), added up over {len(sittings)} sitting(s) on"
+        f" ({_duration(cpu / 2)} on 2 idle cores{missing}), added up over {len(sittings)} sitting(s) on"
         f" {sittings['host'].nunique()} machine(s); {int(sittings['runs_computed'].sum())} runs computed."
     )
 
