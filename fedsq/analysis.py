@@ -271,9 +271,9 @@ def _convergence(arms: list[tuple], rising: set) -> dict:
 
 
 def arm_name(arm: tuple) -> str:
-    """An arm (GROUP values) as the tables name a still-rising one: split, method, lr mode, BatchNorm."""
+    """An arm (GROUP values) as the tables name a still-rising one: split, method and ``arm_label``."""
     keys = dict(zip(GROUP, arm))
-    return f"{keys['split']} {keys['method']} ({keys['lr_mode']} lr, bn {keys['bn']})"
+    return f"{keys['split']} {keys['method']} ({arm_label(keys['lr_mode'], keys['bn'])})"
 
 
 def _image_differences(pairs: pd.DataFrame, outcome: str) -> list[np.ndarray] | None:

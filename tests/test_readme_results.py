@@ -92,7 +92,7 @@ def test_section_is_generated_from_the_records_and_nothing_else_changes(tmp_path
     assert "the gain shrinks under the control" not in text  # the DiD table needs no claim column
     # A target no run reached: a row that says so; the rising arm is named and its verdicts bound.
     assert "rounds to 99%" in text and "not reached" in text
-    assert "**Still rising**" in text and "iid fedavg (calibrated lr, bn pooled)" in text
+    assert "**Still rising**" in text and "iid fedavg (tuned lr, pooled BN)" in text
     assert "(budget-bound)" in text
     parity = claims.query("claim == 'iid_parity' and family == 'primary'").iloc[0]
     assert f"with **{parity['power']:.0%}** chance" in text and parity["n"] == 3

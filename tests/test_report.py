@@ -376,7 +376,7 @@ def test_round_of_best_is_tested_only_where_both_arms_flattened(tmp_path):
     assert best["verdict"] == "not tested (not flat)" and np.isnan(best["p"])
     # Every arm still rises: named, and its verdicts bound to the budget.
     primary = claims.loc[("primary", "test_acc_at_best")]
-    assert primary["budget_bound"] and "dir0.1 fedsq (calibrated lr, bn pooled)" in primary["rising"]
+    assert primary["budget_bound"] and "dir0.1 fedsq (tuned lr, pooled BN)" in primary["rising"]
     shown = analysis.claims_display(claims.reset_index().query("family == 'primary'")).iloc[0]
     assert shown["verdict"] == f"{primary['verdict']} (budget-bound)"
 
