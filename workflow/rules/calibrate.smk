@@ -12,6 +12,9 @@ rule calibrate:
         args=calibrate_args,
     log:
         "results/logs/calibrate/{dataset}/{backbone}/{tuned_on}/bn-{bn}/{method}.log",
+    # A sweep gates every FL run of its cell and is the longest job: started first, the FL runs
+    # keep both cores busy to the end instead of queueing behind the last sweep.
+    priority: 1
     threads: config["resources"]["calibrate"]["threads"]
     resources:
         gpu=config["resources"]["gpu"],
