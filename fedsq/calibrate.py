@@ -92,11 +92,12 @@ def calibrate(cfg: dict, out_json: Path, lrs=None, mode: str = "central", epochs
         "calibration": {"lrs": lrs, "mode": mode, **budget} | ({"extend": extend} if extend else {})}
     out_json = Path(out_json)
     out_json.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(record or out_json).with_suffix(".partial.json")
     if record is not None and records.find([record], record_key):
         write_atomic(out_json, lambda tmp: tmp.write_text(Path(record).read_text()))
+        partial.unlink(missing_ok=True)  # left beside a finished record by a copy of records from elsewhere
         print(f"{out_json}: reused the calibration recorded in {record} (same record key)")
         return json.loads(out_json.read_text())
-    partial = Path(record or out_json).with_suffix(".partial.json")
     done = {"record_key": record_key, "scores": {}, "curves": {}}
     for earlier in (Path(record) if record else None, partial):  # scores of the same lrs, from a narrower grid too
         saved = json.loads(earlier.read_text()) if earlier is not None and earlier.is_file() else {}

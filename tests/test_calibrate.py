@@ -77,8 +77,10 @@ def test_a_stopped_sweep_continues_at_the_next_lr_and_a_recorded_one_is_reused(d
     assert result["lr"] == 0.1 and result["curves"] == {"0.01": [0.1, 0.01], "0.1": [0.1, 0.1]}
     assert json.loads(record.read_text()) == result and not record.with_suffix(".partial.json").exists()
 
+    stale = record.with_suffix(".partial.json")  # as records copied over from another sitting may hold
+    stale.write_text(json.dumps({"scores": {"0.01": 0.01}}))
     assert calibrate.calibrate(cfg, tmp_path / "c.json", **sweep) == result
-    assert scored == [0.01, "stopped", 0.1]  # reused whole
+    assert scored == [0.01, "stopped", 0.1] and not stale.exists()  # reused whole; the stale partial gone
     other = calibrate.calibrate(cfg, tmp_path / "d.json", **sweep | {"rounds": 3})  # another budget: another key
     assert other["budget"] == {"rounds": 3} and scored[3:] == [0.01, 0.1]
 
