@@ -467,7 +467,7 @@ def run(cfg: dict, out_dir: Path, simulation: Callable[[dict, Path], Simulation]
         (out_dir / "checkpoint.pt").unlink(missing_ok=True)  # left by a run stopped before it retired it (see _train)
     else:
         summary = _train_or_reuse(cfg, out_dir, simulation, [record] * (record is not None) + list(reuse))
-    if record is not None:
+    if record is not None and summary.get("reused_from") != str(record):  # a record taken whole stays as computed
         records.save_run(out_dir, record)
     return summary
 

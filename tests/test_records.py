@@ -39,6 +39,7 @@ def test_a_run_whose_record_key_matches_is_reused_not_trained(digits_root, mlflo
     monkeypatch.setattr(engine, "Simulation", no_training)
     # The equal-lr control's run of the same seed, at the same lr: other tags, other folder.
     control = make_cfg(digits_root, mlflow_uri, "tags.lr_mode=equal")
+    recorded = (tmp_path / "record" / "summary.json").read_text()
     for out, where in [("b", {"record": tmp_path / "record"}), ("c", {"reuse": [tmp_path / "a"]})]:
         reused = engine.run(control, tmp_path / out, **where)
         assert reused["reused_from"] == str(where.get("record") or where["reuse"][0])
@@ -49,6 +50,8 @@ def test_a_run_whose_record_key_matches_is_reused_not_trained(digits_root, mlflo
         run = MlflowClient(mlflow_uri).get_run(reused["mlflow_run_id"])  # a run of this store, with the record
         assert run.info.status == "FINISHED" and reused["mlflow_run_id"] != first["mlflow_run_id"]
         assert run.data.tags["lr_mode"] == "equal" and "val_acc" in run.data.metrics
+    # The record taken stays the computing run's: not rewritten as reused from itself.
+    assert (tmp_path / "record" / "summary.json").read_text() == recorded
 
 
 def test_the_key_ignores_names_places_and_commits_and_follows_numbers(digits_root, mlflow_uri, monkeypatch):
