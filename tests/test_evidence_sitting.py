@@ -37,3 +37,16 @@ def test_a_sitting_stopped_early_is_recorded_and_keeps_its_exit_status(tmp_path)
     sitting.send_signal(signal.SIGTERM)  # passed on to the command, then the row written
     assert sitting.wait(timeout=30) != 0
     assert len(pd.read_csv(tmp_path / "records" / "sittings.csv")) == 1
+
+
+def test_a_sitting_whose_machine_stops_under_it_keeps_its_row_up_to_then(tmp_path):
+    out = tmp_path / "records" / "sittings.csv"
+    sitting = subprocess.Popen([sys.executable, SCRIPT, tmp_path, "--every", "0.2", "--",
+                                sys.executable, "-c", "import time; time.sleep(10)"])
+    deadline = time.time() + 30
+    while not (out.exists() and pd.read_csv(out)["wall_seconds"].item() >= 1) and time.time() < deadline:
+        time.sleep(0.1)  # the row is written at the start, then rewritten as the sitting goes on
+    sitting.kill()  # SIGKILL: no handler runs, as when the machine itself stops
+    sitting.wait(timeout=30)
+    row = pd.read_csv(out).squeeze("rows")
+    assert row["wall_seconds"] >= 1 and pd.isna(row["cpu_seconds"])  # CPU time is known only at the end
