@@ -53,7 +53,7 @@ def grid_time(records: Path) -> str:
     return (
         f"The whole grid took **{_duration(wall)}** of wall time and {_duration(cpu)} of CPU time"
         f" ({_duration(cpu / 2)} on 2 idle cores{missing}), added up over {len(sittings)} sitting(s) on"
-        f" {sittings['host'].nunique()} machine(s); {int(sittings['runs_computed'].sum())} runs computed."
+        f" {sittings['host'].nunique()} machine(s); {int(sittings['runs_computed'].sum())} FL runs computed (lr sweeps not counted)."
     )
 
 

@@ -77,7 +77,7 @@ def test_section_is_generated_from_the_records_and_nothing_else_changes(tmp_path
     assert "The records hold every one of the grid's 18 FL runs." in text
     # Added up over both sittings: 85 + 30 min of wall time, 9600 s of CPU time.
     assert "**1 h 55 min** of wall time and 2 h 40 min of CPU time (1 h 20 min on 2 idle cores)" in text
-    assert "over 2 sitting(s) on 2 machine(s); 30 runs computed" in text
+    assert "over 2 sitting(s) on 2 machine(s); 30 FL runs computed" in text
     # The declared analysis comes from the same definitions, with the config's margin.
     assert analysis.declared_analysis(0.02, 0.01, 0.05) in text and "±2 points" in text
     # The sweep: each lr's score, the pick in bold, a divergence, a pick at the edge of the grid.
