@@ -20,7 +20,7 @@ import torch
 import torchvision
 from torch import nn
 
-from fedsq import dualcopy, same_conv
+from fedsq import dualcopy, kernel_crop
 
 IMAGENET_CLASSES = 1000
 
@@ -229,8 +229,8 @@ def build(name: str, num_classes: int, weights: Path | None) -> nn.Module:
     """A backbone with a ``num_classes`` head; ``weights`` None means scratch (random init).
 
     The ImageNet head is kept when ``num_classes`` is 1000, so the pretrained classifier
-    can be checked on natural photos. Its 'same' convolutions skip the kernel taps that only meet
-    padding on small feature maps (``same_conv``).
+    can be checked on natural photos. Its padded convolutions skip the kernel taps that only meet
+    padding on small feature maps (``kernel_crop``).
     """
     record = backbone(name)
     if num_classes < 1:
@@ -240,4 +240,4 @@ def build(name: str, num_classes: int, weights: Path | None) -> nn.Module:
         model.load_state_dict(load_weights(name, Path(weights)))
     if num_classes != IMAGENET_CLASSES:
         record.replace_head(model, num_classes)
-    return same_conv.crop_same_convs(model)
+    return kernel_crop.crop_kernels(model)
