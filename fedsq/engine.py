@@ -82,9 +82,9 @@ def round_lr(cfg: dict, lr: float, round: int) -> float:
 
 def memory_format(model: torch.nn.Module, device: torch.device) -> torch.memory_format:
     """Channels-last on GPUs (tensor cores want it), and on CPUs for networks with depthwise
-    (grouped) convolutions, which oneDNN runs about 2x faster in it (EfficientNet-Lite0: a round
-    of the evidence grid, benchmarks/bench_round_cost.py); contiguous for the others on CPUs
-    (ResNet-18 at 32 px: 10 % slower in channels-last)."""
+    (grouped) convolutions, which oneDNN runs faster in it (an EfficientNet-Lite0 training step at
+    32 px: 1.2x on an AVX2 host, 2.5x on the host of issue 18's measurement); contiguous for the
+    others on CPUs (ResNet-18 at 32 px: 10 % slower in channels-last)."""
     grouped = any(isinstance(m, torch.nn.Conv2d) and m.groups > 1 for m in model.modules())
     return torch.channels_last if device.type == "cuda" or grouped else torch.contiguous_format
 
@@ -129,7 +129,11 @@ class Simulation:
             precision = "bf16" if self.device.type == "cuda" else "fp32"
         self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
         if self.device.type == "cpu":
+            # Deterministic kernels, without the NaN fill of every new tensor that comes with them:
+            # it only catches kernels that read memory they never wrote, and took a fifth of an
+            # evidence round's CPU time (benchmarks/bench_round_cost.py).
             torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.utils.deterministic.fill_uninitialized_memory = False
         seed_everything(cfg["seed"])
 
         dataset = data.load(cfg["dataset"], Path(cfg["paths"]["data"]))
