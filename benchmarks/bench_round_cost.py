@@ -1,4 +1,4 @@
-"""Where an evidence-grid round's CPU time goes, before and after the channels-last change (issue 18).
+"""Where an evidence-grid round's CPU time goes, before and after issue 18's speed-ups.
 
 An evidence run (config/evidence.yaml) trains EfficientNet-Lite0 (ImageNet weights) on digits at
 32 px: 5 of 10 clients a round, batch 32, one torch thread per job. Each form runs rounds of the
@@ -12,9 +12,11 @@ engine's ``Simulation`` in a fresh subprocess and times, per round, with the pro
 - drift: the gating-agreement probe (every 8th round in the grid: its time / 8 counts);
 - checkpoint: writing the round's checkpoint (the engine does it on a background thread).
 
-Forms: ``before``, Q in the contiguous layout (the engine until this change), and ``after``,
-the engine as it is (channels-last where the network has grouped convolutions); each method
-(fedavg, fedprox, fedsq) in each form, back to back per repeat, in reversed order every other
+Forms: ``before``, the engine until issue 18 (Q in the contiguous layout, full kernels, every
+new tensor NaN-filled under deterministic algorithms), and ``after``, the engine as it is
+(channels-last where the network has grouped convolutions, padded convolutions cropped to the
+taps that meet small feature maps: fedsq.kernel_crop, no fill); each method (fedavg, fedprox,
+fedsq) in each form, back to back per repeat, in reversed order every other
 repeat. Figures are medians of rounds 2 on.
 
     PYTHONPATH=$PWD python benchmarks/bench_round_cost.py [--repeats 2] [--rounds 4]
@@ -55,15 +57,18 @@ def child(form: str, method: str, cfg_path: str, rounds: int) -> None:
     """Time ``rounds`` rounds in this (fresh) process; print one JSON line of per-round figures."""
     import torch
 
-    from fedsq import checkpoint, engine
+    from fedsq import checkpoint, engine, kernel_crop
 
     torch.set_num_threads(1)
     if form == "before":
         engine.memory_format = lambda model, device: torch.contiguous_format
+        kernel_crop.crop_kernels = lambda model: model
     cfg = json.loads(Path(cfg_path).read_text())
     cfg["method"]["name"] = method
     with tempfile.TemporaryDirectory() as work:
         sim = engine.Simulation(cfg, Path(work))
+        if form == "before":
+            torch.utils.deterministic.fill_uninitialized_memory = True  # the default the engine turns off
         local = Clock()
         original_train_client = sim.train_client
 
