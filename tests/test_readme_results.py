@@ -144,3 +144,15 @@ def test_before_any_run_the_section_declares_the_analysis_and_shows_the_sweep_un
     assert analysis.declared_analysis(0.015, 0.01, 0.05) in flat  # declared before any number
     assert "| dir0.1 | pooled | fedavg | 78.0 | under way (1 of 3 lrs) |" in flat
     assert "No FL run is recorded yet" in flat and not stale.exists()
+
+
+def test_the_readmes_round_costs_are_the_committed_benchmarks():
+    repo = Path(__file__).resolve().parents[1]
+    bench = (repo / "benchmarks" / "results" / "round_cost.txt").read_text()
+    readme = (repo / "README.md").read_text()
+    names = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedsq": "FedSQ"}
+    for method, name in names.items():
+        before, after = (re.search(rf"^{method}\s+{form}\s+CPU\s.*\s(\d+\.\d+)$", bench, re.M).group(1)
+                         for form in ("before", "after"))
+        ratio = re.search(rf"^{method}\s+before/after CPU: round (\d+\.\d+)x cheaper", bench, re.M).group(1)
+        assert f"{name} {before} → {after} ({ratio}×" in readme, (method, before, after, ratio)
