@@ -131,7 +131,7 @@ class Simulation:
         if self.device.type == "cpu":
             # Deterministic kernels, without the NaN fill of every new tensor that comes with them:
             # it only catches kernels that read memory they never wrote, and took a fifth of an
-            # evidence round's CPU time (benchmarks/bench_round_cost.py).
+            # evidence round's CPU time (torch.profiler, one thread).
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.utils.deterministic.fill_uninitialized_memory = False
         seed_everything(cfg["seed"])
